@@ -1,0 +1,55 @@
+"""Entry point: ``python -m harness [overrides]`` composes the config with Hydra and runs it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from harness.config import register_configs, to_config
+from harness.errors import HarnessError, user_error_message
+
+register_configs()
+
+
+# conf/ sits beside the package in the checkout (an editable install runs from there).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from harness import runner  # imported here so that config errors surface before torch loads
+
+    try:
+        result = runner.run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except HarnessError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the failed trial and goes on
+        _exit_with(str(err))
+    return result.metrics["final/sparsity"]
+
+
+def main() -> None:
+    # Hydra re-raises instead of printing its own multi-line report; we print one line.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _hydra_main()
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        _exit_with(message)
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The dense baseline: trained once per (data, model, training, seed) and cached under outputs/.
+
+The cache key is a hash of every config value that changes the trained weights (and the
+checkpoint file's bytes when one seeds the model); anything else, such as the pruning
+fields or the fine-tuning epochs, reuses the same baseline. A file lock makes concurrent
+runs with the same key (a sweep's parallel trials) train it once and share it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.config import Config
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that do not change the dense weights.
+_NOT_IN_KEY = {"finetune_epochs", "finetune_lr", "device", "eval_batch_size"}
+_CACHE_VERSION = 1  # bump when the training code changes what a key produces
+
+
+@dataclass(frozen=True)
+class Baseline:
+    key: str
+    val_accuracy: float
+    test_accuracy: float
+    reused: bool
+    path: Path
+
+
+def baseline_key(cfg: Config) -> str:
+    """A short hash of everything that determines the dense weights."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_IN_KEY}
+    model = asdict(cfg.model)
+    if cfg.model.checkpoint:
+        model["checkpoint"] = _file_digest(Path(cfg.model.checkpoint))
+    dataset = asdict(cfg.dataset)
+    dataset.pop("num_workers")
+    payload = {"v": _CACHE_VERSION, "dataset": dataset, "model": model, "train": train, "seed": cfg.seed}
+    text = json.dumps(payload, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_train(
+    cfg: Config,
+    model: nn.Module,
+    train: Callable[[nn.Module], tuple[float, float]],
+    cache_root: Path,
+) -> Baseline:
+    """Load the cached baseline into ``model``, or run ``train(model)`` and cache the result.
+
+    ``train`` trains ``model`` in place and returns its (val, test) accuracy.
+    """
+    key = baseline_key(cfg)
+    folder = cache_root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, meta = folder / "model.pt", folder / "meta.json"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then loads
+        if weights.exists() and meta.exists():
+            info = json.loads(meta.read_text())
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return Baseline(key, info["val_accuracy"], info["test_accuracy"], True, folder)
+        val_accuracy, test_accuracy = train(model)
+        _atomic_save(model.state_dict(), weights)
+        info = {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "key": key,
+                "config": {"dataset": asdict(cfg.dataset), "model": asdict(cfg.model),
+                           "train": asdict(cfg.train), "seed": cfg.seed}}
+        _atomic_write(meta, json.dumps(info, indent=2, default=_jsonable))
+    return Baseline(key, val_accuracy, test_accuracy, False, folder)
+
+
+def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"cannot hash config value {value!r}")

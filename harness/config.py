@@ -1,0 +1,204 @@
+"""Structured configs: the schema of every config group, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML files under ``conf/`` into these dataclasses, so an unknown key or a
+value of the wrong type fails while composing, before any data is loaded. Range checks
+and cross-field checks live in ``__post_init__`` and run once, when
+:func:`to_config` turns the composed config into objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from harness.errors import ConfigError
+from harness.pruning.spec import PruningSpec
+
+DATASETS = ("digits", "cifar10", "imagefolder", "fake")
+HARNESS_MODELS = ("digits_cnn", "mlp")
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value}: {allowed}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: str | None = None  # cifar10 and imagefolder: the folder holding the data
+    download: bool = False  # cifar10 only; runs are offline by default
+    val_fraction: float = 0.15  # carved from train, stratified and seeded, where the harness splits
+    test_fraction: float = 0.15  # digits; imagefolder without a test/ folder
+    image_size: int = 32  # imagefolder: images are resized and center-cropped to this
+    augment: bool = False  # random crops and flips on the training split of image datasets
+    num_workers: int = 0
+    train_size: int = 512  # fake only
+    eval_size: int = 128  # fake only: size of val and of test
+    num_classes: int = 10  # fake only
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            _fail("dataset.name", self.name, f"must be one of {', '.join(DATASETS)}")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                _fail(f"dataset.{key}", value, "must be in (0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            _fail("dataset.test_fraction", self.test_fraction, "val_fraction + test_fraction must be < 1")
+        for key in ("image_size", "train_size", "eval_size"):
+            if getattr(self, key) < 1:
+                _fail(f"dataset.{key}", getattr(self, key), "must be >= 1")
+        if self.num_classes < 2:
+            _fail("dataset.num_classes", self.num_classes, "must be >= 2")
+        if self.num_workers < 0:
+            _fail("dataset.num_workers", self.num_workers, "must be >= 0")
+        if self.name in ("cifar10", "imagefolder") and not self.root:
+            _fail("dataset.root", self.root, f"dataset={self.name} needs the folder that holds its data")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "harness"  # harness: digits_cnn, mlp; torchvision: any classification model by name
+    name: str = "digits_cnn"
+    hidden_sizes: list[int] = field(default_factory=lambda: [300, 100])  # mlp only
+    checkpoint: str | None = None  # a local state_dict to start from
+
+    def __post_init__(self) -> None:
+        if self.source not in ("harness", "torchvision"):
+            _fail("model.source", self.source, "must be one of harness, torchvision")
+        if self.source == "harness" and self.name not in HARNESS_MODELS:
+            _fail("model.name", self.name,
+                  f"must be one of {', '.join(HARNESS_MODELS)} (or use model=torchvision model.name=...)")
+        if any(h < 1 for h in self.hidden_sizes):
+            _fail("model.hidden_sizes", list(self.hidden_sizes), "every size must be >= 1")
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"  # x0.1 at 50% and 75% of the epochs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # dense baseline
+    finetune_epochs: int = 8  # pruning fine-tune
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    optimizer: Optimizer = Optimizer.sgd
+    lr: float = 0.05
+    finetune_lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: LrSchedule = LrSchedule.cosine
+    device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:N
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "finetune_epochs"):
+            if getattr(self, key) < 0:
+                _fail(f"train.{key}", getattr(self, key), "must be >= 0")
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                _fail(f"train.{key}", getattr(self, key), "must be >= 1")
+        for key in ("lr", "finetune_lr"):
+            if not getattr(self, key) > 0:
+                _fail(f"train.{key}", getattr(self, key), "must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("train.momentum", self.momentum, "must be in [0, 1)")
+        if self.nesterov and (self.optimizer != Optimizer.sgd or self.momentum == 0):
+            _fail("train.nesterov", self.nesterov, "needs train.optimizer=sgd with train.momentum > 0")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
+
+
+class PruneMethod(str, Enum):
+    magnitude = "magnitude"
+    none = "none"  # dense only: the baseline is evaluated and reported
+
+
+@dataclass
+class PruneConfig(PruningSpec):
+    """The engine's :class:`PruningSpec` fields, plus which method runs."""
+
+    method: PruneMethod = PruneMethod.magnitude
+
+    def __post_init__(self) -> None:
+        try:
+            self.resolve()
+        except ValueError as err:
+            raise ConfigError(f"prune.{err}") from None
+
+
+class TrackingBackend(str, Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+@dataclass
+class TrackingConfig:
+    backend: TrackingBackend = TrackingBackend.mlflow
+    uri: str | None = None  # a tracking server or store; default: MLFLOW_TRACKING_URI, else outputs/mlflow.db
+    experiment: str = "pruning"
+    run_name: str | None = None
+
+
+class GoalCriterion(str, Enum):
+    relative = "relative"  # (dense - pruned) / dense <= max_drop, LPOT's accuracy_criterion: relative
+    absolute = "absolute"  # dense - pruned <= max_drop
+
+
+@dataclass
+class GoalConfig:
+    criterion: GoalCriterion = GoalCriterion.relative
+    max_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_drop < 1.0:
+            _fail("goal.max_drop", self.max_drop, "must be in [0, 1)")
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    goal: GoalConfig = field(default_factory=GoalConfig)
+    seed: int = 0
+    outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
+
+    def __post_init__(self) -> None:
+        if self.prune.method == PruneMethod.none:
+            return
+        last = self.train.finetune_epochs - 1
+        for i, pruner in enumerate(self.prune.resolve()):
+            key = f"prune.pruners[{i}].end_epoch" if self.prune.pruners else "prune.end_epoch"
+            if pruner.end_epoch > last:
+                _fail(key, pruner.end_epoch,
+                      f"must be <= {last}, the last fine-tuning epoch (train.finetune_epochs="
+                      f"{self.train.finetune_epochs}; epochs count from 0)")
+
+
+def register_configs() -> None:
+    """Register the schema so that conf/config.yaml can list it first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="harness_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn the composed config into typed objects, running every range check once."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

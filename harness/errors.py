@@ -1,0 +1,77 @@
+"""User errors: a bad config value, missing data, an unusable checkpoint or store.
+
+The entry point prints these as one line and exits with status 2, no traceback.
+Anything else is a bug and keeps its traceback.
+"""
+
+import re
+
+
+class HarnessError(Exception):
+    """A mistake the user can fix; the message names the key, the bad value and what is allowed."""
+
+
+class ConfigError(HarnessError, ValueError):
+    """A config value out of range or inconsistent with another."""
+
+
+class DataError(HarnessError):
+    """A dataset that cannot be loaded as configured."""
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """One line for a user mistake (ours, Hydra's or OmegaConf's); None for anything else (a bug)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if isinstance(err, HarnessError):
+        return _first_line(str(err))
+    if isinstance(err, MissingConfigException):
+        if err.missing_cfg_file and err.options is not None:
+            group, _, option = err.missing_cfg_file.rpartition("/")
+            return f"{group}={option}: no such option; choose one of {', '.join(err.options)}"
+        return _first_line(str(err))
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse override {err.override!r}: {_first_line(err.message)}"
+    cause = err.__cause__ if isinstance(err, ConfigCompositionException) else err
+    if isinstance(cause, MissingMandatoryValue):
+        return f"{cause.full_key}: a value is required; set {cause.full_key}=..."
+    if isinstance(cause, OmegaConfBaseException) and "not in" in str(cause):
+        return _unknown_key_message(cause, _overridden_key(err))
+    if isinstance(cause, OmegaConfBaseException):
+        return f"{_override_text(err) or cause.full_key}: {_first_line(str(cause))}"
+    if isinstance(err, ConfigCompositionException):
+        return _first_line(str(err))
+    return None
+
+
+def _unknown_key_message(cause: Exception, overridden: str | None) -> str:
+    """'prune.foo: unknown key; closest: ...' with the schema's keys as the allowed list."""
+    import dataclasses
+    import difflib
+
+    key = getattr(cause, "full_key", "") or "?"
+    if overridden and not key.startswith(overridden.split(".")[0]):
+        key = f"{overridden}: {key}"  # a key inside a list item, e.g. prune.pruners=[{...}]
+    schema = getattr(cause, "object_type", None)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return f"{key}: unknown key"
+    allowed = sorted(f.name for f in dataclasses.fields(schema))
+    close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    return f"{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
+
+
+def _overridden_key(err: BaseException) -> str | None:
+    match = re.match(r"Could not override '([^']+)'", str(err))
+    return match.group(1) if match else None
+
+
+def _override_text(err: BaseException) -> str | None:
+    text = str(err)
+    prefix = "Error merging override "
+    return text[len(prefix):].strip() if text.startswith(prefix) else None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

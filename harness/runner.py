@@ -1,0 +1,176 @@
+"""One experiment, top to bottom: data, model, dense baseline, pruning, verdict, report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from harness import report
+from harness.baseline import load_or_train
+from harness.config import Config, PruneMethod
+from harness.errors import ConfigError
+from harness.data import build_data
+from harness.goal import Verdict, judge
+from harness.models import build_model
+from harness.pruning import MaskUpdate, Pruning, count_sparsity, overall_sparsity, prunable_weights
+from harness.tracking import MlflowTracker, Tracker, flatten, make_tracker
+from harness.training import evaluate, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    metrics: dict[str, float]  # the summary metrics, as logged
+    verdict: Verdict | None  # None when nothing was pruned
+    run_id: str | None
+    output_dir: Path
+
+
+def run(cfg: Config, output_dir: Path) -> RunResult:
+    """Run one experiment as configured and write its artifacts to ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs = Path(cfg.outputs_dir)
+    device = resolve_device(cfg.train.device)
+
+    data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
+    log.info("data: %s", data.description)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    pruning = _attach_pruning(cfg, model, steps_per_epoch=len(data.train))  # bad tensor names fail here
+
+    tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=_tags(cfg))
+    with finished_or_failed(tracker):
+        tracker.log_params(flatten(config_dict(cfg)))
+
+        def train_dense(m: torch.nn.Module) -> tuple[float, float]:
+            log.info("training the dense baseline (%d epochs)", cfg.train.epochs)
+            fit(m, data.train, data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
+                device=device, desc="dense")
+            return evaluate(m, data.val, device), evaluate(m, data.test, device)
+
+        baseline = load_or_train(cfg, model, train_dense, outputs / "baselines")
+        model.to(device)
+        baseline_note = (f"dense baseline {baseline.key}: "
+                         f"{'reused from cache, no dense epochs run' if baseline.reused else 'trained and cached'}"
+                         f" ({baseline.path})")
+        log.info(baseline_note)
+        metrics = {"baseline/accuracy": baseline.val_accuracy, "baseline/test_accuracy": baseline.test_accuracy}
+
+        verdict: Verdict | None = None
+        updates: list[MaskUpdate] = []
+        if pruning is None:
+            names = list(prunable_weights(model))
+            metrics |= {"final/accuracy": baseline.val_accuracy, "final/test_accuracy": baseline.test_accuracy}
+            history = []
+        else:
+            # Same fine-tuning randomness whether the baseline was just trained or loaded.
+            seed_everything(cfg.seed + 1)
+            data.train.generator.manual_seed(cfg.seed + 1)
+            pruning.add_listener(updates.append)
+            pruning.add_listener(lambda u: tracker.log_metrics(sparsity_metrics(u), u.global_step))
+            history = fit(model, data.train, data.val, cfg.train, epochs=cfg.train.finetune_epochs,
+                          lr=cfg.train.finetune_lr, device=device, callbacks=[pruning],
+                          log_metrics=tracker.log_metrics, desc="prune")
+            model = pruning.finalize()
+            names = list(pruning.params)
+            metrics |= {"final/accuracy": evaluate(model, data.val, device),
+                        "final/test_accuracy": evaluate(model, data.test, device)}
+            verdict = judge(cfg.goal, metrics["baseline/accuracy"], metrics["final/accuracy"])
+            metrics |= {"goal/met": float(verdict.met), "goal/accuracy_drop": verdict.drop}
+
+        rows = count_sparsity(model, names)  # from the weights, never from the schedule
+        metrics["final/sparsity"] = overall_sparsity(rows)
+        tracker.log_metrics(metrics)
+        _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker)
+
+        ui = tracker.ui_command() if isinstance(tracker, MlflowTracker) else None
+        print(report.format_summary(rows, metrics, verdict, baseline_note, tracker.describe(), ui), flush=True)
+    return RunResult(metrics, verdict, tracker.run_id, output_dir)
+
+
+def _attach_pruning(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> Pruning | None:
+    """The engine on ``model``, or None for ``prune=none``; tensor-name errors become config errors."""
+    if cfg.prune.method == PruneMethod.none:
+        return None
+    try:
+        return Pruning(cfg.prune).attach(model, steps_per_epoch=steps_per_epoch)
+    except ValueError as err:
+        raise ConfigError(f"prune.{err}") from None
+
+
+def sparsity_metrics(update: MaskUpdate) -> dict[str, float]:
+    """The contract's per-update metrics: target, overall and one per tensor."""
+    metrics = {"sparsity/target": update.target, "sparsity/overall": update.overall}
+    metrics |= {f"sparsity/{name}": value for name, value in update.sparsity.items()}
+    return metrics
+
+
+@contextlib.contextmanager
+def finished_or_failed(tracker: Tracker) -> Iterator[None]:
+    """End the tracked run as FINISHED, FAILED (with the error as a tag) or KILLED; never RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The composed config as plain data (enums as their names), for params and config.yaml."""
+    return _plain(asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value.value if isinstance(value, Enum) else value
+
+
+def _write_artifacts(cfg: Config, model: torch.nn.Module, rows: list, updates: list[MaskUpdate],
+                     history: list, output_dir: Path, tracker: Tracker) -> None:
+    files = [output_dir / "config.yaml", output_dir / "sparsity_report.csv", output_dir / "pruned_model.pt"]
+    files[0].write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    report.write_sparsity_csv(rows, files[1])
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, files[2])
+    if updates:
+        files.append(output_dir / "curves.png")
+        report.plot_curves(updates, history, files[-1])
+    for path in files:
+        tracker.log_artifact(path)
+
+
+def _run_name(cfg: Config) -> str:
+    model = cfg.model.name
+    if cfg.prune.method == PruneMethod.none:
+        return f"dense-{model}-{cfg.dataset.name}"
+    return f"{cfg.prune.method.value}-{cfg.prune.target_sparsity:g}-{model}-{cfg.dataset.name}"
+
+
+def _tags(cfg: Config) -> dict[str, str]:
+    return {"harness.dataset": cfg.dataset.name, "harness.model": cfg.model.name,
+            "harness.prune_method": cfg.prune.method.value}

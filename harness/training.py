@@ -1,0 +1,144 @@
+"""The training loop: epochs of optimizer steps that call the engine's callbacks, and evaluation.
+
+The loop reads top to bottom; a pruning engine (or anything else with the same hook
+names) plugs in through ``callbacks`` without changing its shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.config import LrSchedule, Optimizer, TrainConfig
+
+log = logging.getLogger(__name__)
+
+HOOKS = (
+    "on_train_begin", "on_epoch_begin", "on_batch_begin", "on_before_optimizer_step",
+    "on_batch_end", "on_epoch_end", "on_train_end",
+)
+
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class _CallbackList:
+    """Calls a hook on every callback that defines it, in order."""
+
+    def __init__(self, callbacks: Iterable[object]) -> None:
+        self._hooks = {name: [getattr(c, name) for c in callbacks if hasattr(c, name)] for name in HOOKS}
+
+    def __call__(self, hook: str, *args: int) -> None:
+        for fn in self._hooks[hook]:
+            fn(*args)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    global_step: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == Optimizer.sgd:
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == Optimizer.adam:
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                      total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step learning-rate schedule over ``total_steps`` optimizer steps."""
+    if cfg.lr_schedule == LrSchedule.cosine:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if cfg.lr_schedule == LrSchedule.step:
+        milestones = [total_steps // 2, (3 * total_steps) // 4]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for inputs, targets in loader:
+        logits = model(inputs.to(device, non_blocking=True))
+        correct += int((logits.argmax(dim=1) == targets.to(device)).sum())
+        total += targets.numel()
+    model.train(was_training)
+    return correct / total if total else 0.0
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Sequence | torch.utils.data.DataLoader,
+    val_loader: Iterable,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    callbacks: Sequence[object] = (),
+    log_metrics: MetricsSink | None = None,
+    desc: str = "train",
+) -> list[EpochResult]:
+    """Train ``model`` for ``epochs`` epochs, evaluating on ``val_loader`` after each.
+
+    ``log_metrics(metrics, step)`` receives ``train/loss`` at every optimizer step and
+    ``val/accuracy`` at each epoch end, both at the global optimizer step.
+    """
+    optimizer = make_optimizer(model.parameters(), cfg, lr)
+    scheduler = make_lr_scheduler(optimizer, cfg, epochs * len(train_loader))
+    loss_fn = nn.CrossEntropyLoss()
+    hooks = _CallbackList(callbacks)
+    model.to(device).train()
+    history: list[EpochResult] = []
+    global_step = 0
+    # disable=None: a bar on a terminal, nothing in a non-interactive log (the epoch lines stay).
+    bar = tqdm(total=epochs * len(train_loader), desc=desc, unit="step", disable=None, leave=False)
+    hooks("on_train_begin")
+    for epoch in range(epochs):
+        hooks("on_epoch_begin", epoch)
+        loss_sum = torch.zeros((), device=device)
+        for step, (inputs, targets) in enumerate(train_loader):
+            hooks("on_batch_begin", step)
+            loss = loss_fn(model(inputs.to(device, non_blocking=True)), targets.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            hooks("on_before_optimizer_step")
+            optimizer.step()
+            scheduler.step()
+            hooks("on_batch_end")
+            global_step += 1
+            loss_sum += loss.detach()
+            if log_metrics is not None:
+                log_metrics({"train/loss": loss.item()}, global_step)
+            bar.update()
+        hooks("on_epoch_end")
+        val_accuracy = evaluate(model, val_loader, device)
+        result = EpochResult(epoch, float(loss_sum) / max(1, len(train_loader)), val_accuracy, global_step)
+        history.append(result)
+        if log_metrics is not None:
+            log_metrics({"val/accuracy": val_accuracy}, global_step)
+        bar.set_postfix(loss=f"{result.train_loss:.4f}", val=f"{val_accuracy:.4f}")
+        log.info("%s epoch %d/%d  loss %.4f  val accuracy %.4f", desc, epoch + 1, epochs,
+                 result.train_loss, val_accuracy)
+    hooks("on_train_end")
+    bar.close()
+    return history
