@@ -1,21 +1,30 @@
 """The pruning engine: plain PyTorch, usable from any training loop.
 
 It imports nothing else from the harness and knows nothing of Hydra, MLflow or Optuna.
+Names are loaded on first use, so that reading a config (``spec``) does not import torch.
 """
 
-from .pruning import MaskUpdate, Pruning, TensorSparsity, count_sparsity, overall_sparsity, prunable_weights
-from .spec import Criterion, PrunerSpec, PruningSpec, ResolvedPruner, Schedule
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Criterion",
-    "MaskUpdate",
-    "PrunerSpec",
-    "Pruning",
-    "PruningSpec",
-    "ResolvedPruner",
-    "Schedule",
-    "TensorSparsity",
-    "count_sparsity",
-    "overall_sparsity",
-    "prunable_weights",
-]
+_EXPORTS = {
+    "Criterion": "spec",
+    "PrunerSpec": "spec",
+    "PruningSpec": "spec",
+    "ResolvedPruner": "spec",
+    "Schedule": "spec",
+    "MaskUpdate": "pruning",
+    "Pruning": "pruning",
+    "TensorSparsity": "pruning",
+    "count_sparsity": "pruning",
+    "overall_sparsity": "pruning",
+    "prunable_weights": "pruning",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'harness.pruning' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

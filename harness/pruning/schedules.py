@@ -44,18 +44,3 @@ SCHEDULES: dict[Schedule, ScheduleFn] = {
     Schedule.cubic: cubic,
 }
 
-
-def lpot_staircase(initial: float, target: float, start: int, end: int, freq: int, epoch: int) -> float:
-    """LPOT 1.6's ``update_sparsity(epoch)``, for comparison in tests and migration notes.
-
-    LPOT returns ``initial`` when start == end, and never reaches ``target`` when
-    ``end - start`` is not a multiple of ``freq``; the harness's pruners fix both by
-    always making a last update to ``target`` at ``end_epoch``.
-    """
-    if start == end:
-        return initial
-    if epoch < start:
-        return 0
-    if epoch > end:
-        return target
-    return initial + (target - initial) * ((epoch - start) // freq) * freq / (end - start)
