@@ -9,7 +9,7 @@ and cross-field checks live in ``__post_init__`` and run once, when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -77,13 +77,13 @@ class ModelConfig:
             _fail("model.hidden_sizes", list(self.hidden_sizes), "every size must be >= 1")
 
 
-class Optimizer(str, Enum):
+class Optimizer(StrEnum):
     sgd = "sgd"
     adam = "adam"
     adamw = "adamw"
 
 
-class LrSchedule(str, Enum):
+class LrSchedule(StrEnum):
     constant = "constant"
     cosine = "cosine"
     step = "step"  # x0.1 at 50% and 75% of the epochs
@@ -124,7 +124,7 @@ class TrainConfig:
             _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
 
 
-class PruneMethod(str, Enum):
+class PruneMethod(StrEnum):
     magnitude = "magnitude"
     none = "none"  # dense only: the baseline is evaluated and reported
 
@@ -142,7 +142,7 @@ class PruneConfig(PruningSpec):
             raise ConfigError(f"prune.{err}") from None
 
 
-class TrackingBackend(str, Enum):
+class TrackingBackend(StrEnum):
     mlflow = "mlflow"
     none = "none"
 
@@ -155,7 +155,7 @@ class TrackingConfig:
     run_name: str | None = None
 
 
-class GoalCriterion(str, Enum):
+class GoalCriterion(StrEnum):
     relative = "relative"  # (dense - pruned) / dense <= max_drop, LPOT's accuracy_criterion: relative
     absolute = "absolute"  # dense - pruned <= max_drop
 

@@ -106,7 +106,8 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a corrupt file
-        raise ConfigError(f"model.checkpoint={path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.checkpoint={path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):

@@ -18,8 +18,8 @@ import yaml
 from harness import report
 from harness.baseline import load_or_train
 from harness.config import Config, PruneMethod
-from harness.errors import ConfigError
 from harness.data import build_data
+from harness.errors import ConfigError
 from harness.goal import Verdict, judge
 from harness.models import build_model
 from harness.pruning import MaskUpdate, Pruning, count_sparsity, overall_sparsity, prunable_weights

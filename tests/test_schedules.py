@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -113,7 +115,7 @@ def test_schedules_are_monotone_and_bounded(initial, delta, span):
         values = [schedule(initial, target, q, 1.0, float(span)) for q in range(span + 1)]
         assert values[0] == pytest.approx(initial)
         assert values[-1] == pytest.approx(target)
-        assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+        assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))
 
 
 def test_one_shot_when_start_equals_end():

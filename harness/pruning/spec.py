@@ -20,18 +20,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 
-class Schedule(str, Enum):
+class Schedule(StrEnum):
     """How sparsity grows from ``initial_sparsity`` to ``target_sparsity`` (see schedules.py)."""
 
     linear = "linear"
     cubic = "cubic"
 
 
-class Criterion(str, Enum):
+class Criterion(StrEnum):
     """How weights are scored; the lowest scores are pruned first."""
 
     magnitude = "magnitude"
