@@ -39,7 +39,7 @@ BAD_OVERRIDES = [
     (["prune.start_epoch=4", "prune.end_epoch=2"], "prune.end_epoch=2: must be >= start_epoch=4"),
     (["prune.end_epoch=8"], "prune.end_epoch=8: must be <= 7"),
     (["prune.update_frequency=0"], "prune.update_frequency=0.0: must be > 0"),
-    (["prune.schedule=cube"], "expected one of [linear, cubic]"),
+    (["prune.schedule=cube"], "expected one of [one_shot, linear, cubic, exponential, cosine]"),
     (["prune.foo=1"], "prune.foo: unknown key"),
     (["prune.taget_sparsity=0.5"], "closest: target_sparsity"),
     (["prune.pruners=[{names:[a],targett_sparsity:0.5}]"], "targett_sparsity: unknown key"),

@@ -140,7 +140,7 @@ def test_pruner_fields_inherit_unless_set_and_zero_is_a_value():
     ({"initial_sparsity": 0.5, "target_sparsity": 0.4}, "must be >= initial_sparsity=0.5"),
     ({"start_epoch": 3, "end_epoch": 2}, "end_epoch=2: must be >= start_epoch=3"),
     ({"update_frequency": 0}, "update_frequency=0.0: must be > 0"),
-    ({"schedule": "cube"}, "schedule='cube': must be one of linear, cubic"),
+    ({"schedule": "cube"}, "schedule='cube': must be one of one_shot, linear, cubic, exponential, cosine"),
     ({"pruners": [{"names": ["x"], "target_sparsity": 1.2}]}, "pruners[0].target_sparsity=1.2"),
     ({"pruners": [{"nmes": ["x"]}]}, "pruners[0].nmes: unknown pruning field"),
     ({"taget_sparsity": 0.5}, "taget_sparsity: unknown pruning field"),
@@ -169,7 +169,7 @@ def test_fractional_frequency_needs_steps_per_epoch():
 
 def test_lpot_prune_type_name_is_accepted():
     pruning = Pruning({"prune_type": "basic_magnitude", "update_frequency": 1}).attach(small_net())
-    assert pruning._resolved[0].prune_type.value == "magnitude"
+    assert pruning._resolved[0].criterion.value == "magnitude"
 
 
 def test_state_dict_resumes_mid_schedule_with_identical_masks():

@@ -299,7 +299,7 @@ class Pruning:
 
     @torch.no_grad()
     def _update(self, pruner: _Pruner, sparsity: float) -> None:
-        score = CRITERIA[pruner.spec.prune_type]
+        score = CRITERIA[pruner.spec.criterion]
         for name in pruner.names:
             param, mask = self.params[name], self.masks[name]
             mask.copy_(unstructured_mask(score(param), sparsity, mask))
