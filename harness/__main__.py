@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import register_configs, to_config
+from harness.config import apply_lpot_file, register_configs, to_config
 from harness.errors import HarnessError, user_error_message
 
 register_configs()
@@ -26,12 +26,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from harness import runner  # imported here so that config errors surface before torch loads
 
     try:
+        if cfg.lpot:
+            cfg = apply_lpot_file(cfg, list(HydraConfig.get().overrides.task))
         result = runner.run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
     except HarnessError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed trial and goes on
         _exit_with(str(err))
-    return result.metrics["final/sparsity"]
+    return result.metrics.get("final/sparsity")
 
 
 def main() -> None:

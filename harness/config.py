@@ -124,16 +124,12 @@ class TrainConfig:
             _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
 
 
-class PruneMethod(StrEnum):
-    magnitude = "magnitude"
-    none = "none"  # dense only: the baseline is evaluated and reported
-
-
 @dataclass
 class PruneConfig(PruningSpec):
-    """The engine's :class:`PruningSpec` fields, plus which method runs."""
+    """The engine's :class:`PruningSpec` fields, plus what the harness does with them."""
 
-    method: PruneMethod = PruneMethod.magnitude
+    enabled: bool = True  # prune=none sets false: the dense baseline is evaluated and reported
+    dry_run: bool = False  # list the matched tensors and the planned sparsity of every update, then stop
 
     def __post_init__(self) -> None:
         try:
@@ -180,9 +176,10 @@ class Config:
     goal: GoalConfig = field(default_factory=GoalConfig)
     seed: int = 0
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
+    lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)
 
     def __post_init__(self) -> None:
-        if self.prune.method == PruneMethod.none:
+        if not self.prune.enabled:
             return
         last = self.train.finetune_epochs - 1
         for i, pruner in enumerate(self.prune.resolve()):
@@ -197,6 +194,33 @@ def register_configs() -> None:
     """Register the schema so that conf/config.yaml can list it first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="harness_schema", node=Config)
+    # conf/prune/nm.yaml: the target of N:M pruning follows n and m unless set explicitly.
+    if not OmegaConf.has_resolver("nm_sparsity"):
+        OmegaConf.register_new_resolver("nm_sparsity", lambda n, m: 1.0 - int(n) / int(m))
+
+
+def apply_lpot_file(cfg: DictConfig, command_line: list[str]) -> DictConfig:
+    """Merge an LPOT YAML (``lpot=path``) into the composed config; command-line values still win.
+
+    Prints what was mapped and, by name, everything in the file that was not used.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from harness.lpot_config import migrate_lpot
+
+    migration = migrate_lpot(cfg.lpot)
+    merged = OmegaConf.merge(cfg, migration.values)
+    for override in OverridesParser.create().parse_overrides(command_line):
+        key = override.key_or_group
+        if key == "lpot" or override.is_delete() or isinstance(OmegaConf.select(merged, key), DictConfig):
+            continue  # group choices were applied while composing
+        OmegaConf.update(merged, key, override.value(), merge=False)
+    print(f"LPOT config {cfg.lpot}: {len(migration.used)} fields mapped, {len(migration.unmapped)} not used")
+    for line in migration.used:
+        print(f"  used:     {line}")
+    for line in migration.unmapped:
+        print(f"  not used: {line}")
+    return merged  # type: ignore[return-value]
 
 
 def to_config(cfg: DictConfig) -> Config:

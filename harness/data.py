@@ -304,23 +304,36 @@ def _imagefolder(cfg: DatasetConfig) -> _Splits:
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize]) \
         if cfg.augment else eval_tf
 
-    has_test = (root / "test").is_dir()
-    # Without test/, train/ is loaded untransformed and each carved part gets its own transform.
-    train = _image_folder(cfg, "train", train_tf if has_test else None)
-    classes = train.classes
-    val = _image_folder(cfg, "val", eval_tf)
-    _check_same_classes(cfg, train, val, "val")
-    if has_test:
-        test = _image_folder(cfg, "test", eval_tf)
-        _check_same_classes(cfg, train, test, "test")
-        note = ""
-    else:
-        train_idx, test_idx = _carve(train.targets, cfg.test_fraction, len(train), "test_fraction",
-                                     train.classes)
-        train, test = (_TransformedSubset(train, train_idx, train_tf),
-                       _TransformedSubset(train, test_idx, eval_tf))
-        note = f" (no {root / 'test'}: test carved from train)"
-    return _Splits(train, val, test, num_classes=len(classes), input_shape=(3, size, size), note=note)
+    # root/train, root/val, root/test; a split folder that is absent is carved from train, and a
+    # root that holds class folders directly (LPOT pointed at the train folder) is the train set.
+    has_train = (root / "train").is_dir()
+    if not has_train and not any(entry.is_dir() for entry in os.scandir(root)):
+        raise DataError(f"dataset.root={cfg.root}: {root / 'train'} is missing "
+                        "(expected train/<class>/<image>, optional val/ and test/, or <class>/<image>)")
+    has_val, has_test = has_train and (root / "val").is_dir(), has_train and (root / "test").is_dir()
+    carving = not (has_val and has_test)
+    # When carving, the train folder is loaded untransformed and each part gets its own transform.
+    train = _image_folder(cfg, "train" if has_train else ".", None if carving else train_tf)
+    classes, notes = train.classes, []
+    held_out = {}
+    for split, present in (("val", has_val), ("test", has_test)):
+        if present:
+            held_out[split] = _image_folder(cfg, split, eval_tf)
+            _check_same_classes(cfg, train, held_out[split], split)
+    keep = list(range(len(train)))
+    for split in ("test", "val"):
+        if split in held_out:
+            continue
+        labels = [train.targets[i] for i in keep]
+        kept, out = _carve(labels, getattr(cfg, f"{split}_fraction"), len(train), f"{split}_fraction", classes)
+        held_out[split] = _TransformedSubset(train, [keep[i] for i in out], eval_tf)
+        keep = [keep[i] for i in kept]
+        notes.append(split)
+    if carving:
+        train = _TransformedSubset(train, keep, train_tf)
+    note = f" ({' and '.join(reversed(notes))} carved from train)" if notes else ""
+    return _Splits(train, held_out["val"], held_out["test"], num_classes=len(classes),
+                   input_shape=(3, size, size), note=note)
 
 
 def _check_same_classes(cfg: DatasetConfig, train: Any, other: Any, split: str) -> None:

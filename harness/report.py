@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.goal import Verdict
-from harness.pruning import MaskUpdate, TensorSparsity, overall_sparsity
+from harness.pruning import MaskUpdate, PlannedUpdate, Pruning, TensorSparsity, overall_sparsity
 from harness.training import EpochResult
 
 
@@ -49,6 +49,32 @@ def format_summary(
     lines.append(tracking_note)
     if ui_command:
         lines.append(f"view: {ui_command}")
+    return "\n".join(lines)
+
+
+def format_plan(pruning: Pruning, planned: Sequence[PlannedUpdate]) -> str:
+    """The dry run: which tensors each pruner matched, and the sparsity planned at every update."""
+    lines = ["dry run: nothing trained, nothing written", ""]
+    for i, pruner in enumerate(pruning.pruner_specs):
+        names = [n for n, owner in pruning.owners.items() if owner == i]
+        lines.append(f"pruner {i}: {pruner.pattern.value} pattern, {pruner.criterion.value} criterion, "
+                     f"{pruner.scope.value} scope, {pruner.schedule.value} schedule "
+                     f"{pruner.initial_sparsity:g} -> {pruner.target_sparsity:g} over epochs "
+                     f"{pruner.start_epoch}..{pruner.end_epoch}"
+                     + (f", cap {pruner.max_sparsity:g}" if pruner.max_sparsity is not None else ""))
+        for name in names:
+            shape = "x".join(map(str, pruning.params[name].shape))
+            lines.append(f"    {name:<40} {shape:<16} {pruning.params[name].numel():>12,}")
+    for name, reason in pruning.skipped.items():
+        lines.append(f"not pruned: {name} ({reason})")
+    lines += ["", f"{'epoch':>5} {'step':>6}  planned sparsity per pruner"]
+    for update in planned:
+        per_pruner = []
+        for i in range(len(pruning.pruner_specs)):
+            values = [v for n, v in update.sparsity.items() if pruning.owners[n] == i]
+            per_pruner.append(f"{values[0]:.4f}" if values else "   -  ")
+        lines.append(f"{update.epoch:>5} {update.step:>6}  " + "  ".join(per_pruner))
+    lines.append(f"{len(planned)} updates")
     return "\n".join(lines)
 
 

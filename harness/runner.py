@@ -17,7 +17,7 @@ import yaml
 
 from harness import report
 from harness.baseline import load_or_train
-from harness.config import Config, PruneMethod
+from harness.config import Config
 from harness.data import build_data
 from harness.errors import ConfigError
 from harness.goal import Verdict, judge
@@ -48,6 +48,9 @@ def run(cfg: Config, output_dir: Path) -> RunResult:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     pruning = _attach_pruning(cfg, model, steps_per_epoch=len(data.train))  # bad tensor names fail here
+    if pruning is not None and cfg.prune.dry_run:
+        print(report.format_plan(pruning, pruning.plan(cfg.train.finetune_epochs)), flush=True)
+        return RunResult({}, None, None, output_dir)
 
     tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=_tags(cfg))
     with finished_or_failed(tracker):
@@ -101,12 +104,15 @@ def run(cfg: Config, output_dir: Path) -> RunResult:
 
 def _attach_pruning(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> Pruning | None:
     """The engine on ``model``, or None for ``prune=none``; tensor-name errors become config errors."""
-    if cfg.prune.method == PruneMethod.none:
+    if not cfg.prune.enabled:
         return None
     try:
-        return Pruning(cfg.prune).attach(model, steps_per_epoch=steps_per_epoch)
+        pruning = Pruning(cfg.prune).attach(model, steps_per_epoch=steps_per_epoch)
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
+    for name, reason in pruning.skipped.items():
+        log.info("not pruned: %s (%s)", name, reason)
+    return pruning
 
 
 def sparsity_metrics(update: MaskUpdate) -> dict[str, float]:
@@ -166,11 +172,14 @@ def _write_artifacts(cfg: Config, model: torch.nn.Module, rows: list, updates: l
 
 def _run_name(cfg: Config) -> str:
     model = cfg.model.name
-    if cfg.prune.method == PruneMethod.none:
+    if not cfg.prune.enabled:
         return f"dense-{model}-{cfg.dataset.name}"
-    return f"{cfg.prune.method.value}-{cfg.prune.target_sparsity:g}-{model}-{cfg.dataset.name}"
+    p = cfg.prune
+    return f"{p.pattern.value}-{p.criterion.value}-{p.target_sparsity:g}-{model}-{cfg.dataset.name}"
 
 
 def _tags(cfg: Config) -> dict[str, str]:
+    p = cfg.prune
     return {"harness.dataset": cfg.dataset.name, "harness.model": cfg.model.name,
-            "harness.prune_method": cfg.prune.method.value}
+            "harness.pattern": p.pattern.value if p.enabled else "dense",
+            "harness.criterion": p.criterion.value if p.enabled else "dense"}

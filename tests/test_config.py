@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import GoalCriterion, Optimizer, PruneMethod
+from harness.config import GoalCriterion, Optimizer
 from harness.errors import user_error_message
 from harness.pruning.spec import Schedule
 
@@ -14,7 +14,7 @@ from .conftest import compose_config, run_cli
 def test_defaults_compose_into_typed_config():
     cfg = compose_config()
     assert cfg.dataset.name == "digits" and cfg.model.name == "digits_cnn"
-    assert cfg.prune.method == PruneMethod.magnitude and cfg.prune.schedule == Schedule.cubic
+    assert cfg.prune.enabled and cfg.prune.schedule == Schedule.cubic
     assert cfg.train.optimizer == Optimizer.sgd and cfg.goal.criterion == GoalCriterion.relative
     assert cfg.goal.max_drop == 0.01
 
@@ -45,7 +45,7 @@ BAD_OVERRIDES = [
     (["prune.pruners=[{names:[a],targett_sparsity:0.5}]"], "targett_sparsity: unknown key"),
     (["prune.pruners=[{names:[a],target_sparsity:2}]"], "prune.pruners[0].target_sparsity=2.0"),
     (["dataset=nosuch"], "dataset=nosuch: no such option; choose one of cifar10, digits, fake, imagefolder"),
-    (["prune=nosuch"], "prune=nosuch: no such option; choose one of magnitude, none"),
+    (["prune=nosuch"], "prune=nosuch: no such option; choose one of block, channel, magnitude, nm, none"),
     (["dataset=cifar10"], "dataset.root"),
     (["train.optimizer=sgdd"], "expected one of [sgd, adam, adamw]"),
     (["train.lr=-1"], "train.lr=-1.0: must be > 0"),

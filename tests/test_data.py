@@ -197,11 +197,18 @@ def test_imagefolder_test_carved_from_train(tmp_path: Path) -> None:
     assert torch.equal(bundle.test.dataset[0][0], bundle.test.dataset[0][0])
 
 
-def test_imagefolder_missing_val(tmp_path: Path) -> None:
-    _write_images(tmp_path, "train", 2)
-    with pytest.raises(DataError) as err:
-        _build(_folder_cfg(tmp_path))
-    _assert_one_line(err, f"dataset.root={tmp_path}", str(tmp_path / "val"))
+@pytest.mark.parametrize("layout", ["train_only", "class_folders_at_root"])
+def test_imagefolder_without_val_carves_val_and_test_from_train(tmp_path: Path, layout: str) -> None:
+    # LPOT pointed ImageFolder at the train folder itself; a root of class folders is the train set.
+    _write_images(tmp_path, "train", 10)
+    root = tmp_path if layout == "train_only" else tmp_path / "train"
+    bundle = _build(_folder_cfg(root, val_fraction=0.2, test_fraction=0.2))
+    assert bundle.sizes == {"train": 18, "val": 6, "test": 6}
+    assert "val and test carved from train" in bundle.description
+    parts = [set(loader.dataset.indices) for loader in (bundle.train, bundle.val, bundle.test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    for loader in (bundle.val, bundle.test):
+        assert set(_all(loader)[1].tolist()) == {0, 1, 2}  # stratified
 
 
 def test_imagefolder_missing_root(tmp_path: Path) -> None:

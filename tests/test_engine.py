@@ -152,7 +152,7 @@ def test_bad_fields_name_the_field_the_value_and_what_is_allowed(spec, message):
 
 
 def test_unknown_tensor_name_lists_the_closest_names():
-    with pytest.raises(ValueError, match=r"'4.wieght' is not a parameter.*closest: 4.weight"):
+    with pytest.raises(ValueError, match=r"'4.wieght' matches no parameter.*closest: 4.weight"):
         Pruning({"names": ["4.wieght"]}).attach(small_net(), steps_per_epoch=4)
 
 
@@ -169,7 +169,7 @@ def test_fractional_frequency_needs_steps_per_epoch():
 
 def test_lpot_prune_type_name_is_accepted():
     pruning = Pruning({"prune_type": "basic_magnitude", "update_frequency": 1}).attach(small_net())
-    assert pruning._resolved[0].criterion.value == "magnitude"
+    assert pruning.pruner_specs[0].criterion.value == "magnitude"
 
 
 def test_state_dict_resumes_mid_schedule_with_identical_masks():

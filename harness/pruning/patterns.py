@@ -1,11 +1,47 @@
 """Patterns: turn scores and a sparsity into a keep-mask (1.0 keeps, 0.0 prunes).
 
-Masks only shrink: a weight pruned earlier stays pruned, whatever its score now.
+A pattern says which weights are pruned together (its *units*: one weight, a block, an
+output channel) and how a unit is scored from the scores of its weights. The selection is
+shared: rank the units, lowest first, and prune until the sparsity is reached, either per
+tensor (``MaskPattern.mask``) or over several tensors at once (``select_global``).
+
+Masks only shrink: a unit already fully pruned ranks below every live unit and is never
+revived, whatever its score now. Masks have the parameter's shape and the dtype of the
+current mask (float32 when that is not a floating type).
+
+The 2-D view of a weight of shape ``(out, in, *kernel)`` has ``out`` rows and
+``in * prod(kernel)`` columns; a 1-D weight is a single row.
+
+Example::
+
+    pattern = make_pattern(Pattern.block, block_shape=(1, 2))
+    pattern.mask(torch.tensor([[1.0, 2.0, 5.0, 6.0]]), 0.5, torch.ones(1, 4))
+    # tensor([[0., 0., 1., 1.]])
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar
+
 import torch
+
+from .spec import ChannelNorm, Pattern
+
+__all__ = [
+    "NM",
+    "Block",
+    "Channel",
+    "MaskPattern",
+    "Unstructured",
+    "make_pattern",
+    "pruned_count",
+    "select_global",
+    "unstructured_mask",
+]
+
+_PRUNED = -math.inf  # the rank of an already-pruned unit: below every live one
 
 
 def pruned_count(numel: int, sparsity: float) -> int:
@@ -16,21 +52,484 @@ def pruned_count(numel: int, sparsity: float) -> int:
     return min(numel, max(0, round(sparsity * numel)))
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
-    """Prune exactly ``round(sparsity * numel)`` weights with the lowest scores.
+def _check_sparsity(sparsity: float, key: str = "sparsity") -> None:
+    if not 0.0 <= sparsity <= 1.0:  # also rejects NaN
+        raise ValueError(f"{key}={sparsity}: must be in [0, 1]")
 
-    Weights already pruned by ``current_mask`` rank below every live weight, so the new
-    mask is a subset of the old one whenever the sparsity does not decrease.
+
+def _mask_dtype(mask: torch.Tensor) -> torch.dtype:
+    return mask.dtype if mask.is_floating_point() else torch.float32
+
+
+def _shape_2d(shape: torch.Size) -> tuple[int, int]:
+    """Rows and columns of the 2-D view: ``(out, in * prod(kernel))``; a 1-D weight is one row."""
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+class MaskPattern:
+    """Base class: units, their scores and sizes; the selection lives here once.
+
+    A subclass says what its units are: ``unit_scores`` (scores -> one score per unit),
+    ``unit_sizes`` (weights per unit) and ``expand`` (a unit keep-mask -> a weight mask).
+    ``unit_keep`` and ``mask`` follow from these; ``unit_keep`` relies on a unit score being
+    positive exactly when one of its weights has a positive score (sums and norms are).
+
+    ``supports_global``: whether its units may be ranked across tensors (``select_global``).
+    """
+
+    supports_global: ClassVar[bool] = True
+
+    def check(self, name: str, shape: torch.Size) -> None:
+        """Raise ``ValueError`` naming the tensor when this pattern cannot apply to it.
+
+        Args:
+            name: the parameter's name, for the message.
+            shape: the parameter's shape.
+        """
+        if len(shape) == 0 or math.prod(shape) == 0:
+            raise ValueError(f"pattern={self}: {name} {tuple(shape)} has no weights to prune; exclude it")
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """One float32 score per unit (1-D), from the scores of the weights."""
+        raise NotImplementedError(f"{type(self).__name__} must implement unit_scores()")
+
+    def unit_sizes(self, shape: torch.Size) -> torch.Tensor:
+        """Weights per unit (1-D int64, aligned with ``unit_scores``; may be a read-only view)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement unit_sizes()")
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A 1-D unit keep-mask -> a weight mask of ``shape`` (the dtype of ``unit_keep``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement expand()")
+
+    def unit_keep(self, mask: torch.Tensor) -> torch.Tensor:
+        """A weight mask -> a 1-D unit keep-mask; a unit is pruned when all its weights are."""
+        live = self.unit_scores(mask.ne(0).to(torch.float32)) > 0
+        return live.to(_mask_dtype(mask))
+
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+        """The new weight mask of one tensor: prune its lowest units, already-pruned first.
+
+        Prunes until ``round(sparsity * numel)`` weights are pruned; with equal units that is
+        ``round(sparsity * n_units)`` units, with ragged units the count is met up to the
+        unit that crosses it (the closer side). Already-pruned units stay pruned, also when
+        ``sparsity`` is lower than the current one.
+
+        Args:
+            scores: the criterion's scores, the parameter's shape (>= 0).
+            sparsity: the fraction of weights to prune, in [0, 1].
+            current_mask: the mask in force (1 keeps, 0 prunes).
+
+        Returns:
+            The mask, of ``scores.shape`` and the dtype of ``current_mask``.
+        """
+        _check_sparsity(sparsity)
+        keep = select_global(
+            {"": self.unit_scores(scores)},
+            {"": self.unit_sizes(scores.shape)},
+            {"": self.unit_keep(current_mask)},
+            sparsity,
+        )[""]
+        return self.expand(keep, scores.shape).to(_mask_dtype(current_mask))
+
+    def __repr__(self) -> str:
+        return type(self).__name__.lower()
+
+
+class _OneWeightUnits(MaskPattern):
+    """Units of one weight each: the unit view is the flat tensor."""
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.detach().reshape(-1).to(torch.float32)
+
+    def unit_sizes(self, shape: torch.Size) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.int64).expand(math.prod(shape))
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return unit_keep.reshape(shape)
+
+    def unit_keep(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(-1).ne(0).to(_mask_dtype(mask))
+
+
+class Unstructured(_OneWeightUnits):
+    """Each weight on its own: exactly ``round(sparsity * numel)`` weights are pruned.
+
+    Example::
+
+        Unstructured().mask(torch.tensor([3.0, 1.0, 2.0, 4.0]), 0.5, torch.ones(4))
+        # tensor([1., 0., 0., 1.])
+    """
+
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+        _check_sparsity(sparsity)
+        live = current_mask.reshape(-1).ne(0)
+        ranked = scores.detach().reshape(-1).to(torch.float32, copy=True).masked_fill_(~live, _PRUNED)
+        keep = live.clone()  # already pruned stays pruned, even if fewer are asked for now
+        k = pruned_count(ranked.numel(), sparsity)
+        if k > 0:
+            keep[torch.topk(ranked, k, largest=False, sorted=False).indices] = False
+        return keep.view(scores.shape).to(_mask_dtype(current_mask))
+
+
+class NM(_OneWeightUnits):
+    """N:M: in every group of ``m`` consecutive weights along the input dimension, keep ``n``.
+
+    Groups follow NVIDIA ASP: for a Linear weight ``(out, in)`` they run along ``in``; for a
+    conv weight ``(out, in, kh, kw)`` along ``in`` at each fixed ``(kh, kw)`` (the weight
+    viewed as ``(out, kh, kw, in)``). At ``sparsity = 1 - n/m`` every group keeps exactly
+    ``n``; below that each group prunes ``round(sparsity * m)`` (already-pruned first), so
+    the sparsity is reached up to the granularity ``1/m``. Ranking is within groups only,
+    so there is no global selection.
+
+    Args:
+        n: weights kept per group at the target, ``1 <= n < m``.
+        m: group size.
+
+    Example::
+
+        NM(2, 4).mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 0.5, torch.ones(1, 4))
+        # tensor([[1., 0., 1., 0.]])
+    """
+
+    supports_global: ClassVar[bool] = False
+
+    def __init__(self, n: int, m: int) -> None:
+        for key, value in (("n", n), ("m", m)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{key}={value!r}: must be an int")
+        if not 1 <= n < m:
+            raise ValueError(f"n={n}: N:M needs 1 <= n < m (m={m})")
+        self.n, self.m = n, m
+
+    def check(self, name: str, shape: torch.Size) -> None:
+        super().check(name, shape)
+        inputs = shape[0] if len(shape) == 1 else shape[1]
+        if inputs % self.m:
+            what = "input channels" if len(shape) > 2 else "inputs"
+            raise ValueError(
+                f"pattern={self}: {name} {tuple(shape)} has {inputs} {what}, not a multiple of m={self.m}; "
+                "exclude it"
+            )
+
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+        _check_sparsity(sparsity)
+        if sparsity > 1 - self.n / self.m + 1e-9:
+            raise ValueError(
+                f"sparsity={sparsity}: {self} keeps {self.n} of every {self.m} weights, "
+                f"so at most {1 - self.n / self.m:g}"
+            )
+        self.check("the tensor", scores.shape)
+        live = self._groups(current_mask.ne(0))
+        ranked = self._groups(scores.detach().to(torch.float32)).masked_fill(~live, _PRUNED)
+        keep = live.clone()
+        k = pruned_count(self.m, sparsity)
+        if k > 0:
+            keep.scatter_(1, torch.topk(ranked, k, dim=1, largest=False, sorted=False).indices, False)
+        return self._ungroup(keep, scores.shape).to(_mask_dtype(current_mask))
+
+    @staticmethod
+    def _input_last(t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(1, -1) if t.dim() > 2 else t
+
+    def _groups(self, t: torch.Tensor) -> torch.Tensor:
+        """``(groups, m)``: each row is ``m`` consecutive inputs at fixed output and kernel position."""
+        return self._input_last(t).reshape(-1, self.m)
+
+    @staticmethod
+    def _ungroup(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if len(shape) <= 2:
+            return groups.reshape(shape)
+        return groups.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"nm {self.n}:{self.m}"
+
+
+class Block(MaskPattern):
+    """Blocks of ``rows x cols`` on the 2-D view, scored by the sum of their scores.
+
+    Blocks at the right and bottom edges that do not fill are smaller, and count with their
+    real size. ``(1, 4)`` prunes four consecutive inputs of one output; ``(4, 1)`` one input
+    of four consecutive outputs.
+
+    Args:
+        rows: block height (outputs).
+        cols: block width (columns of the 2-D view).
+
+    Example::
+
+        Block(1, 2).mask(torch.tensor([[1.0, 2.0, 5.0, 6.0, 0.5]]), 0.4, torch.ones(1, 5))
+        # tensor([[1., 1., 1., 1., 0.]]): the edge block [0.5] is one weight
+    """
+
+    def __init__(self, rows: int, cols: int) -> None:
+        for key, value in (("rows", rows), ("cols", cols)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"block {key}={value!r}: must be an int")
+            if value < 1:
+                raise ValueError(f"block {key}={value}: must be >= 1")
+        self.rows, self.cols = rows, cols
+
+    def _grid(self, shape: torch.Size) -> tuple[int, int, int, int]:
+        """The 2-D view ``(R, C)`` and the number of block rows and columns."""
+        r, c = _shape_2d(shape)
+        return r, c, -(-r // self.rows), -(-c // self.cols)
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        r, c, block_rows, block_cols = self._grid(scores.shape)
+        view = scores.detach().reshape(r, c).to(torch.float32)
+        if r % self.rows or c % self.cols:
+            padded = view.new_zeros(block_rows * self.rows, block_cols * self.cols)
+            padded[:r, :c] = view
+            view = padded
+        return view.reshape(block_rows, self.rows, block_cols, self.cols).sum((1, 3)).reshape(-1)
+
+    def unit_sizes(self, shape: torch.Size) -> torch.Tensor:
+        r, c, block_rows, block_cols = self._grid(shape)
+        heights = torch.full((block_rows,), self.rows, dtype=torch.int64)
+        heights[-1] = r - self.rows * (block_rows - 1)
+        widths = torch.full((block_cols,), self.cols, dtype=torch.int64)
+        widths[-1] = c - self.cols * (block_cols - 1)
+        return (heights[:, None] * widths[None, :]).reshape(-1)
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        r, c, block_rows, block_cols = self._grid(shape)
+        full = unit_keep.reshape(block_rows, 1, block_cols, 1).expand(block_rows, self.rows, block_cols, self.cols)
+        return full.reshape(block_rows * self.rows, block_cols * self.cols)[:r, :c].reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"block {self.rows}x{self.cols}"
+
+
+class Channel(MaskPattern):
+    """Whole output channels (rows of the 2-D view), scored by the L1 or L2 norm of their scores.
+
+    Args:
+        norm: ``ChannelNorm.l1`` (sum of the scores) or ``ChannelNorm.l2`` (square root of
+            the sum of squares).
+
+    Example::
+
+        scores = torch.tensor([[1.0, 1.0], [5.0, 0.0], [2.0, 2.0]])
+        Channel(ChannelNorm.l1).mask(scores, 0.34, torch.ones(3, 2))  # prunes row 0 (sum 2)
+        Channel(ChannelNorm.l2).mask(scores, 0.34, torch.ones(3, 2))  # prunes row 0 (norm 1.41)
+    """
+
+    def __init__(self, norm: ChannelNorm | str = ChannelNorm.l1) -> None:
+        try:
+            self.norm = ChannelNorm(norm)
+        except ValueError:
+            allowed = ", ".join(v.value for v in ChannelNorm)
+            raise ValueError(f"channel_norm={norm!r}: must be one of {allowed}") from None
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        view = scores.detach().reshape(_shape_2d(scores.shape)).to(torch.float32)
+        if self.norm == ChannelNorm.l1:
+            return view.sum(1)
+        return view.square().sum(1).sqrt()
+
+    def unit_sizes(self, shape: torch.Size) -> torch.Tensor:
+        rows, cols = _shape_2d(shape)
+        return torch.full((rows,), cols, dtype=torch.int64)
+
+    def expand(self, unit_keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        rows, cols = _shape_2d(shape)
+        return unit_keep.reshape(rows, 1).expand(rows, cols).reshape(shape)
+
+    def __repr__(self) -> str:
+        return f"channel {self.norm.value}"
+
+
+def make_pattern(
+    pattern: Pattern | str,
+    n: int = 2,
+    m: int = 4,
+    block_shape: Sequence[int] = (1, 4),
+    channel_norm: ChannelNorm | str = ChannelNorm.l1,
+) -> MaskPattern:
+    """The pattern named by the spec's fields.
+
+    Args:
+        pattern: a ``Pattern`` or its value.
+        n, m: for ``nm``.
+        block_shape: ``(rows, cols)`` for ``block``.
+        channel_norm: for ``channel``.
+
+    Example::
+
+        make_pattern("nm", n=2, m=4)  # nm 2:4
+    """
+    try:
+        pattern = Pattern(pattern)
+    except ValueError:
+        allowed = ", ".join(p.value for p in Pattern)
+        raise ValueError(f"pattern={pattern!r}: must be one of {allowed}") from None
+    if pattern == Pattern.unstructured:
+        return Unstructured()
+    if pattern == Pattern.nm:
+        return NM(n, m)
+    if pattern == Pattern.block:
+        if len(block_shape) != 2:
+            raise ValueError(f"block_shape={list(block_shape)}: must be [rows, columns]")
+        return Block(int(block_shape[0]), int(block_shape[1]))
+    return Channel(channel_norm)
+
+
+def select_global(
+    unit_scores: Mapping[str, torch.Tensor],
+    unit_sizes: Mapping[str, torch.Tensor],
+    current_keep: Mapping[str, torch.Tensor],
+    sparsity: float,
+    max_sparsity: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rank the units of several tensors together and prune the lowest, already-pruned first.
+
+    Prunes until ``round(sparsity * total weights)`` weights are pruned: exactly, for units of
+    one weight; otherwise up to the unit that crosses the count, whichever side is closer
+    (ties: fewer; with units all of one size: ``round(sparsity * n_units)`` units).
+    Already-pruned units stay pruned. A tensor that reaches ``max_sparsity`` takes no more
+    units (it stops at the last of its units within the cap), and the rest of the pruning
+    goes to the next-lowest units of the other tensors; when every tensor is capped, the
+    total is not reached.
+
+    Cost: one concatenation and one ``topk`` (units of one weight) or stable sort (other
+    units) over all units; with ``max_sparsity``, one more selection per tensor first, which
+    leaves in the race only the units each tensor may still lose.
+
+    Args:
+        unit_scores: per tensor, the 1-D unit scores (``MaskPattern.unit_scores``).
+        unit_sizes: per tensor, the 1-D int64 weights per unit (``MaskPattern.unit_sizes``).
+        current_keep: per tensor, the 1-D unit keep-mask in force (1 keeps, 0 pruned).
+        sparsity: the fraction of all the tensors' weights together to prune, in [0, 1].
+        max_sparsity: a cap on each tensor's own sparsity, in (0, 1], or ``None``.
+
+    Returns:
+        Per tensor, the new 1-D unit keep-mask, in the dtype of its ``current_keep``
+        (float32 when that is not a floating type).
+
+    Example::
+
+        select_global({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 0.5])},
+                      {"a": torch.ones(2, dtype=torch.int64), "b": torch.ones(2, dtype=torch.int64)},
+                      {"a": torch.ones(2), "b": torch.ones(2)}, 0.5)
+        # {"a": tensor([0., 1.]), "b": tensor([1., 0.])}
+    """
+    _check_sparsity(sparsity)
+    if max_sparsity is not None and not 0.0 < max_sparsity <= 1.0:
+        raise ValueError(f"max_sparsity={max_sparsity}: must be in (0, 1]")
+    names = list(unit_scores)
+    for name in names:
+        for what, mapping in (("unit_sizes", unit_sizes), ("current_keep", current_keep)):
+            if name not in mapping:
+                raise ValueError(f"{what}: has no entry for {name!r}")
+            if mapping[name].numel() != unit_scores[name].numel():
+                raise ValueError(
+                    f"{what}[{name!r}]: {mapping[name].numel()} units, but unit_scores has "
+                    f"{unit_scores[name].numel()}"
+                )
+    if not names:
+        return {}
+
+    # One ranking of every unit: scores, with already-pruned units at -inf.
+    device = unit_scores[names[0]].device
+    counts = [unit_scores[name].numel() for name in names]
+    ranked = torch.empty(sum(counts), dtype=torch.float32, device=device)
+    ranked_of = dict(zip(names, ranked.split(counts)))
+    for name, chunk in ranked_of.items():
+        chunk.copy_(unit_scores[name].detach().reshape(-1))
+        chunk.masked_fill_(current_keep[name].reshape(-1).to(device).eq(0), _PRUNED)
+    sizes = {name: unit_sizes[name].to(device=device, dtype=torch.int64).reshape(-1) for name in names}
+    weights = {name: _total(sizes[name]) for name in names}
+    one_weight_units = sum(weights.values()) == ranked.numel()  # sizes are >= 1
+
+    unit_size = 1 if one_weight_units else _common_unit_size(sizes.values())
+    if unit_size is not None:
+        target = pruned_count(ranked.numel(), sparsity) * unit_size
+    else:
+        target = pruned_count(sum(weights.values()), sparsity)
+
+    if max_sparsity is not None:
+        # The units a tensor may lose are its lowest, up to its cap (or what it already lost);
+        # the others leave the race (+inf), so the lowest units that remain are the greedy
+        # choice that skips a tensor once it is capped.
+        for name, chunk in ranked_of.items():
+            cap = math.floor(max_sparsity * weights[name] + 1e-6)
+            if cap < weights[name]:
+                may_lose = ~_prune_lowest(chunk, None if one_weight_units else sizes[name], cap, closest=False)
+                chunk.masked_fill_(~may_lose, math.inf)
+
+    all_sizes = None if one_weight_units else torch.cat([sizes[name] for name in names])
+    keep = _prune_lowest(ranked, all_sizes, target, closest=True)
+    return {name: k.to(_mask_dtype(current_keep[name])) for name, k in zip(names, keep.split(counts))}
+
+
+def _total(sizes: torch.Tensor) -> int:
+    """``int(sizes.sum())``, without a pass over an expanded view of one size (``Unstructured``)."""
+    if sizes.numel() > 1 and sizes.stride() == (0,):
+        return int(sizes[0]) * sizes.numel()
+    return int(sizes.sum())
+
+
+def _common_unit_size(sizes: Iterable[torch.Tensor]) -> int | None:
+    """The size shared by every unit of every tensor, or ``None`` when sizes differ."""
+    common = None
+    for s in sizes:
+        if s.numel() == 0:
+            continue
+        lo, hi = int(s.min()), int(s.max())
+        if lo != hi or (common is not None and lo != common):
+            return None
+        common = lo
+    return common
+
+
+def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int, closest: bool) -> torch.Tensor:
+    """Keep-mask (bool) that prunes the lowest-ranked units up to ``target`` weights.
+
+    In ``ranked``, already-pruned units are ``-inf`` and always pruned; units at ``+inf`` are
+    out of the race and never pruned. ``sizes=None`` means one weight per unit: then exactly
+    ``target`` (by ``topk``). Otherwise, in stable sort order, ``closest`` stops at whichever
+    side of the crossing unit is closer to the target (ties: fewer), and not ``closest`` stops
+    before it (for a cap: never above).
+    """
+    n = ranked.numel()
+    already = int(torch.isneginf(ranked).sum())
+    in_race = n - int(torch.isposinf(ranked).sum())
+    keep = torch.ones(n, dtype=torch.bool, device=ranked.device)
+    if sizes is None:
+        k = min(max(target, already), in_race)
+        if 2 * k <= n:
+            keep[torch.topk(ranked, k, largest=False, sorted=False).indices] = False
+        else:  # the shorter side: keep the n - k highest (already-pruned are below them all)
+            keep.fill_(False)
+            keep[torch.topk(ranked, n - k, largest=True, sorted=False).indices] = True
+        return keep
+    order = torch.argsort(ranked, stable=True)
+    cumulative = sizes[order].cumsum(0)
+    target_t = torch.tensor([target], dtype=cumulative.dtype, device=cumulative.device)
+    if closest:
+        j = int(torch.searchsorted(cumulative, target_t))
+        if j >= n:
+            k = n
+        else:
+            above = int(cumulative[j]) - target
+            below = target - (int(cumulative[j - 1]) if j > 0 else 0)
+            k = j + 1 if above < below else j
+    else:
+        k = int(torch.searchsorted(cumulative, target_t, right=True))
+    k = min(max(k, already), in_race)
+    keep[order[:k]] = False
+    return keep
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+    """``Unstructured().mask(...)``: the engine's former interface, kept until it uses patterns.
 
     Example::
 
         unstructured_mask(torch.tensor([3., 1., 2., 4.]), 0.5, torch.ones(4))
         # tensor([1., 0., 0., 1.])
     """
-    k = pruned_count(scores.numel(), sparsity)
-    mask = torch.ones(scores.numel(), dtype=current_mask.dtype, device=current_mask.device)
-    if k > 0:
-        ranked = scores.detach().reshape(-1).to(torch.float32).clone()
-        ranked[current_mask.reshape(-1) == 0] = -float("inf")
-        mask[torch.topk(ranked, k, largest=False, sorted=False).indices] = 0
-    return mask.view(scores.shape)
+    return Unstructured().mask(scores, sparsity, current_mask)

@@ -7,7 +7,7 @@ is one in-place multiply per pruned tensor for the gradients and one for the wei
 
 Example::
 
-    pruning = Pruning({"target_sparsity": 0.9, "end_epoch": 3}).attach(model)
+    pruning = Pruning({"target_sparsity": 0.9, "end_epoch": 3}).attach(model, steps_per_epoch=len(loader))
     pruning.on_train_begin()
     for epoch in range(epochs):
         pruning.on_epoch_begin(epoch)
@@ -21,11 +21,17 @@ Example::
             pruning.on_batch_end()
         pruning.on_epoch_end()
     pruning.on_train_end()
+
+The clock counts optimizer steps, not batches: with gradient accumulation call
+``on_before_optimizer_step`` only before real steps, or pass ``optimizer=`` to
+:meth:`Pruning.attach`, which also counts exactly the steps a ``GradScaler`` takes.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .criteria import CRITERIA
-from .patterns import unstructured_mask
+from .criteria import Scorer, make_scorer
+from .patterns import MaskPattern, make_pattern, select_global
 from .schedules import SCHEDULES
-from .spec import PruningSpec, ResolvedPruner
+from .spec import GLOBAL, Pattern, PruningSpec, ResolvedPruner, Schedule
 
 PRUNABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -85,18 +91,37 @@ class MaskUpdate:
 
     global_step: int  # optimizer steps completed before this update
     epoch: int
-    step: int  # batch index within the epoch
+    step: int  # optimizer steps completed in this epoch before this update
     target: float  # scheduled sparsity over all pruned tensors, weighted by size
     sparsity: dict[str, float]  # per tensor, counted from the weights
     overall: float  # over all pruned tensors, counted from the weights
+
+
+@dataclass(frozen=True)
+class PlannedUpdate:
+    """One update of a dry run: when, and the sparsity each tensor is scheduled to reach."""
+
+    epoch: int
+    step: int
+    sparsity: dict[str, float]
+
+
+@dataclass
+class _Clock:
+    """Where one pruner stands in its schedule."""
+
+    updated: bool = False
+    last_position: int | None = None
+    scheduled: float = 0.0
 
 
 @dataclass
 class _Pruner:
     spec: ResolvedPruner
     names: list[str]
-    scheduled: float = 0.0
-    updated: bool = False
+    scorer: Scorer
+    pattern: MaskPattern
+    clock: _Clock
 
 
 class Pruning:
@@ -115,57 +140,98 @@ class Pruning:
         elif not isinstance(spec, PruningSpec):
             spec = PruningSpec.from_mapping(spec)
         self.spec = spec
-        self._resolved = spec.resolve()
+        self.pruner_specs = spec.resolve()
         self.model: nn.Module | None = None
         self.params: dict[str, nn.Parameter] = {}
+        self.owners: dict[str, int] = {}
+        self.skipped: dict[str, str] = {}  # tensors the default selection left out, and why
         self.masks: dict[str, torch.Tensor] = {}
         self._pruners: list[_Pruner] = []
         self._listeners: list[Callable[[MaskUpdate], None]] = []
+        self._hooks: list[Any] = []
         self.steps_per_epoch: int | None = None
         self.epoch = 0
-        self.step = 0
         self.global_step = 0
+        self._epoch_start_step = 0
+        self._explicit_steps = False  # on_before_optimizer_step is being called
+        self._step_pending = False
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module, steps_per_epoch: int | None = None) -> Pruning:
+    def attach(self, model: nn.Module, steps_per_epoch: int | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> Pruning:
         """Resolve each pruner's tensors in ``model`` and start with all-ones masks.
 
-        ``steps_per_epoch`` (e.g. ``len(train_loader)``) is needed when an
-        ``update_frequency`` is a fraction of an epoch.
+        Args:
+            model: the model to prune; its parameters stay the same objects.
+            steps_per_epoch: optimizer steps per epoch (e.g. ``len(train_loader)``), needed when an
+                ``update_frequency`` is a fraction of an epoch or ``update_frequency_steps`` is set.
+            optimizer: optional; its step hooks then mask gradients and weights around every real
+                step, count steps exactly (a ``GradScaler``'s skipped steps are not counted) and make
+                ``on_before_optimizer_step`` / ``on_batch_end`` unnecessary.
         """
-        fractional = [p for p in self._resolved if not float(p.update_frequency).is_integer()]
-        if fractional and not steps_per_epoch:
-            raise ValueError(
-                f"update_frequency={fractional[0].update_frequency} is a fraction of an epoch: "
-                "pass attach(model, steps_per_epoch=len(train_loader))"
-            )
+        needs_spe = [p for p in self.pruner_specs
+                     if p.update_frequency_steps is not None or not float(p.update_frequency).is_integer()]
+        if needs_spe and not steps_per_epoch:
+            p = needs_spe[0]
+            what = (f"update_frequency_steps={p.update_frequency_steps}" if p.update_frequency_steps
+                    else f"update_frequency={p.update_frequency} (a fraction of an epoch)")
+            raise ValueError(f"{what}: pass attach(model, steps_per_epoch=len(train_loader))")
         named = dict(model.named_parameters())
-        default = prunable_weights(model)
+        self._model_params = named
+        self.skipped = {}
+        default = list(prunable_weights(model))
         owner: dict[str, int] = {}
         pruners = []
-        for i, spec in enumerate(self._resolved):
+        for i, spec in enumerate(self.pruner_specs):
             prefix = f"pruners[{i}]." if self.spec.pruners else ""
-            names = spec.names if spec.names is not None else list(default)
+            names = select_tensors(spec.names, spec.exclude, named, default, prefix)
+            pattern = make_pattern(spec.pattern, spec.n, spec.m, spec.block_shape, spec.channel_norm)
+            if spec.names is None:  # the default selection skips, and reports, what the pattern cannot take
+                names = self._skip_unfit(names, pattern, spec, default)
             for name in names:
-                if name not in named:
-                    raise ValueError(_unknown_tensor_message(prefix + "names", name, list(named)))
                 if name in owner:
-                    raise ValueError(
-                        f"{prefix}names: {name!r} is already pruned by pruners[{owner[name]}]; "
-                        "each tensor belongs to one pruner"
-                    )
+                    raise ValueError(f"{prefix}names: {name!r} is already pruned by pruners[{owner[name]}]; "
+                                     "each tensor belongs to one pruner")
                 owner[name] = i
-            if not names:
-                raise ValueError(f"{prefix}names: the model has no conv or linear weights to prune")
-            pruners.append(_Pruner(spec, list(names)))
+                try:
+                    pattern.check(name, named[name].shape)
+                except ValueError as err:
+                    raise ValueError(f"{prefix}{err}") from None
+            pruners.append(_Pruner(spec, names, make_scorer(spec.criterion, spec.seed), pattern, _Clock()))
         self.model = model
         self.steps_per_epoch = steps_per_epoch
+        self.owners = owner  # tensor name -> index of its pruner in pruner_specs
         self._pruners = pruners
         self.params = {name: named[name] for p in pruners for name in p.names}
         self.masks = {name: torch.ones_like(t, memory_format=torch.contiguous_format).detach()
                       for name, t in self.params.items()}
+        if optimizer is not None:
+            self._hooks = [
+                optimizer.register_step_pre_hook(lambda *_: self._before_step()),
+                optimizer.register_step_post_hook(lambda *_: self._after_step()),
+            ]
         return self
+
+    def _skip_unfit(self, names: list[str], pattern: MaskPattern, spec: ResolvedPruner,
+                    default: list[str]) -> list[str]:
+        named = dict(self._model_params)
+        kept = []
+        for name in names:
+            if spec.pattern == Pattern.channel and default and name == default[-1]:
+                self.skipped[name] = "the output layer: removing its channels would remove classes"
+                continue
+            try:
+                pattern.check(name, named[name].shape)
+            except ValueError as err:
+                reason = str(err).split(": ", 1)[-1].removesuffix("; exclude it")
+                self.skipped[name] = reason.removeprefix(f"{name} ")
+                continue
+            kept.append(name)
+        if not kept:
+            raise ValueError(f"names: no tensor of the model can take pattern={spec.pattern.value} "
+                             f"({'; '.join(f'{k}: {v}' for k, v in self.skipped.items())})")
+        return kept
 
     def add_listener(self, listener: Callable[[MaskUpdate], None]) -> None:
         """Call ``listener(update)`` after every mask update."""
@@ -177,26 +243,29 @@ class Pruning:
         self._require_attached()
 
     def on_epoch_begin(self, epoch: int) -> None:
-        self.epoch, self.step = int(epoch), 0
+        self.epoch = int(epoch)
+        self._epoch_start_step = self.global_step
         self._update_due()
 
-    def on_batch_begin(self, step: int) -> None:
-        self.step = int(step)
-        if self.step > 0:  # step 0 was handled by on_epoch_begin
-            self._update_due()
+    def on_batch_begin(self, step: int = 0) -> None:
+        """``step`` is accepted for LPOT's signature; the clock counts optimizer steps itself."""
+        self._update_due()
 
-    @torch.no_grad()
     def on_before_optimizer_step(self) -> None:
-        """Mask the gradients so that pruned weights take no part in the update."""
-        for name, param in self.params.items():
-            if param.grad is not None:
-                param.grad.mul_(self.masks[name])
+        """Mask the gradients (pruned weights take no part in the update); feed gradient criteria."""
+        self._explicit_steps = True
+        if not self._hooks:
+            self._before_step()
+            self._step_pending = True
 
-    @torch.no_grad()
     def on_batch_end(self) -> None:
-        """Re-apply the masks after the optimizer step: momentum, Adam moments and weight
-        decay can move a pruned weight even with a zero gradient."""
-        self.global_step += 1
+        """Re-apply the masks after the optimizer step: momentum, Adam moments and weight decay
+        can move a pruned weight even with a zero gradient."""
+        if self._hooks:
+            return
+        if self._step_pending or not self._explicit_steps:
+            self.global_step += 1
+        self._step_pending = False
         self.apply_masks()
 
     def on_epoch_end(self) -> None:
@@ -218,12 +287,36 @@ class Pruning:
 
     def scheduled_sparsity(self) -> dict[str, float]:
         """The sparsity each tensor is scheduled to have now."""
-        return {name: p.scheduled for p in self._pruners for name in p.names}
+        return {name: p.clock.scheduled for p in self._pruners for name in p.names}
+
+    def plan(self, epochs: int) -> list[PlannedUpdate]:
+        """Dry run: the updates ``epochs`` epochs would make, without touching any weight."""
+        self._require_attached()
+        spe = self.steps_per_epoch or 1
+        clocks = [_Clock() for _ in self._pruners]
+        planned = []
+        for epoch in range(epochs):
+            for step in range(spe):
+                due: dict[str, float] = {}
+                for pruner, clock in zip(self._pruners, clocks, strict=True):
+                    value = _due_sparsity(pruner.spec, clock, epoch, step, spe)
+                    if value is not None:
+                        cap = pruner.spec.max_sparsity
+                        if cap is not None and pruner.spec.scope != GLOBAL:
+                            value = min(value, cap)
+                        due |= dict.fromkeys(pruner.names, value)
+                        clock.updated, clock.last_position = True, _position(pruner.spec, epoch, step, spe)[0]
+                if due:
+                    planned.append(PlannedUpdate(epoch, step, due))
+        return planned
 
     def finalize(self) -> nn.Module:
-        """Bake the masks into the weights and hand back the plain model (no hooks to remove)."""
+        """Bake the masks into the weights and hand back the plain model (its own parameters, no hooks)."""
         model = self._require_attached()
         self.apply_masks()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         return model
 
     # -- checkpointing --------------------------------------------------------------------
@@ -231,11 +324,11 @@ class Pruning:
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: m.to(torch.bool).cpu() for name, m in self.masks.items()},
-            "scheduled": [p.scheduled for p in self._pruners],
-            "updated": [p.updated for p in self._pruners],
+            "clocks": [vars(p.clock).copy() for p in self._pruners],
+            "scorers": [p.scorer.state_dict() for p in self._pruners],
             "epoch": self.epoch,
-            "step": self.step,
             "global_step": self.global_step,
+            "epoch_start_step": self._epoch_start_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -245,9 +338,11 @@ class Pruning:
             raise ValueError(f"pruning state has no mask for {sorted(missing)[0]!r}")
         for name, mask in self.masks.items():
             mask.copy_(state["masks"][name].to(mask.dtype))
-        for p, scheduled, updated in zip(self._pruners, state["scheduled"], state["updated"], strict=True):
-            p.scheduled, p.updated = float(scheduled), bool(updated)
-        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        for p, clock, scorer in zip(self._pruners, state["clocks"], state["scorers"], strict=True):
+            p.clock = _Clock(**clock)
+            p.scorer.load_state_dict(scorer)
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self._epoch_start_step = state["epoch_start_step"]
         self.apply_masks()
 
     # -- internals ------------------------------------------------------------------------
@@ -257,57 +352,63 @@ class Pruning:
             raise RuntimeError("call Pruning.attach(model) before training")
         return self.model
 
+    @torch.no_grad()
+    def _before_step(self) -> None:
+        for pruner in self._pruners:
+            observe = pruner.scorer.needs_gradients and self.epoch <= pruner.spec.end_epoch
+            for name in pruner.names:
+                param = self.params[name]
+                if param.grad is None:
+                    continue
+                param.grad.mul_(self.masks[name])
+                if observe:
+                    pruner.scorer.observe(name, param)
+
+    def _after_step(self) -> None:
+        self.global_step += 1
+        self.apply_masks()
+
     def _update_due(self) -> None:
         self._require_attached()
+        in_epoch = self.global_step - self._epoch_start_step
         changed = False
         for pruner in self._pruners:
-            sparsity = self._due_sparsity(pruner)
+            sparsity = _due_sparsity(pruner.spec, pruner.clock, self.epoch, in_epoch, self.steps_per_epoch or 1)
             if sparsity is not None:
                 self._update(pruner, sparsity)
+                pruner.clock.last_position = _position(pruner.spec, self.epoch, in_epoch,
+                                                       self.steps_per_epoch or 1)[0]
                 changed = True
         if changed and self._listeners:
-            event = self._event()
+            event = self._event(in_epoch)
             for listener in self._listeners:
                 listener(event)
 
-    def _due_sparsity(self, pruner: _Pruner) -> float | None:
-        """The scheduled sparsity if this pruner updates at the current (epoch, step), else None.
-
-        Positions count from ``start_epoch`` in epochs when the frequency is a whole number of
-        epochs (updates at epoch begin, as LPOT does), else in optimizer steps.
-        """
-        s = pruner.spec
-        if float(s.update_frequency).is_integer():
-            if self.step != 0:
-                return None
-            every, position, span = int(s.update_frequency), self.epoch - s.start_epoch, s.end_epoch - s.start_epoch
-        else:
-            spe = self.steps_per_epoch or 1
-            every = max(1, round(s.update_frequency * spe))
-            position = (self.epoch - s.start_epoch) * spe + self.step
-            span = (s.end_epoch - s.start_epoch) * spe
-        if position > span and not pruner.updated and self.step == 0:
-            return s.target_sparsity  # training started after end_epoch: catch up once
-        if position < 0 or position > span:
-            return None
-        if position % every == 0:
-            schedule = SCHEDULES[s.schedule]
-            return schedule(s.initial_sparsity, s.target_sparsity, position // every, every, span)
-        if position == span:  # the end is off the staircase: finish at the target (LPOT never did)
-            return s.target_sparsity
-        return None
-
     @torch.no_grad()
     def _update(self, pruner: _Pruner, sparsity: float) -> None:
-        score = CRITERIA[pruner.spec.criterion]
+        spec, pattern, scorer = pruner.spec, pruner.pattern, pruner.scorer
+        if spec.scope == GLOBAL:
+            unit_scores, unit_sizes, current = {}, {}, {}
+            for name in pruner.names:
+                param = self.params[name]
+                unit_scores[name] = pattern.unit_scores(scorer.scores(name, param))
+                unit_sizes[name] = pattern.unit_sizes(param.shape)
+                current[name] = pattern.unit_keep(self.masks[name])
+            keep = select_global(unit_scores, unit_sizes, current, sparsity, spec.max_sparsity)
+            for name in pruner.names:
+                self.masks[name].copy_(pattern.expand(keep[name], self.params[name].shape))
+        else:
+            capped = min(sparsity, spec.max_sparsity) if spec.max_sparsity is not None else sparsity
+            for name in pruner.names:
+                mask = self.masks[name]
+                mask.copy_(pattern.mask(scorer.scores(name, self.params[name]), capped, mask))
         for name in pruner.names:
-            param, mask = self.params[name], self.masks[name]
-            mask.copy_(unstructured_mask(score(param), sparsity, mask))
-            param.mul_(mask)
-        pruner.scheduled = sparsity
-        pruner.updated = True
+            self.params[name].mul_(self.masks[name])
+            scorer.after_update(name)
+        pruner.clock.scheduled = sparsity
+        pruner.clock.updated = True
 
-    def _event(self) -> MaskUpdate:
+    def _event(self, in_epoch: int) -> MaskUpdate:
         rows = self.sparsity()
         total = sum(r.numel for r in rows)
         scheduled = self.scheduled_sparsity()
@@ -315,14 +416,86 @@ class Pruning:
         return MaskUpdate(
             global_step=self.global_step,
             epoch=self.epoch,
-            step=self.step,
+            step=in_epoch,
             target=target,
             sparsity={r.name: r.sparsity for r in rows},
             overall=overall_sparsity(rows),
         )
 
 
+def _position(spec: ResolvedPruner, epoch: int, in_epoch: int, spe: int) -> tuple[int, int, int] | None:
+    """(position, update interval, span) in one unit, or None when no update can fall here.
+
+    The unit is epochs when the frequency is a whole number of epochs (updates at epoch
+    begin, as LPOT does), else optimizer steps.
+    """
+    if spec.update_frequency_steps is None and float(spec.update_frequency).is_integer():
+        if in_epoch != 0:
+            return None
+        return epoch - spec.start_epoch, int(spec.update_frequency), spec.end_epoch - spec.start_epoch
+    every = spec.update_frequency_steps or max(1, round(spec.update_frequency * spe))
+    return (epoch - spec.start_epoch) * spe + in_epoch, every, (spec.end_epoch - spec.start_epoch) * spe
+
+
+def _due_sparsity(spec: ResolvedPruner, clock: _Clock, epoch: int, in_epoch: int, spe: int) -> float | None:
+    """The scheduled sparsity if this pruner updates at (epoch, in_epoch), else None."""
+    where = _position(spec, epoch, in_epoch, spe)
+    if where is None:
+        return None
+    position, every, span = where
+    if clock.updated and clock.last_position == position:
+        return None  # another micro-batch of the same optimizer step
+    if position > span:
+        return None if clock.updated else spec.target_sparsity  # started after end_epoch: catch up once
+    if position < 0:
+        return None
+    if spec.schedule == Schedule.one_shot:
+        return None if clock.updated else spec.target_sparsity
+    if position % every == 0:
+        return SCHEDULES[spec.schedule](spec.initial_sparsity, spec.target_sparsity, position // every, every, span)
+    if position == span:  # the end is off the staircase: finish at the target (LPOT never did)
+        return spec.target_sparsity
+    return None
+
+
+def select_tensors(patterns: list[str] | None, exclude: list[str] | None, named: Mapping[str, nn.Parameter],
+                   default: list[str], prefix: str = "") -> list[str]:
+    """Resolve exact names, globs and ``re:`` regexes to parameter names, minus ``exclude``.
+
+    Unset ``patterns`` means every conv and linear weight. Globs and regexes match only
+    parameters with two or more dimensions (weight matrices and kernels, never biases or
+    norms); an exact name may be any parameter. A pattern that matches nothing is an error
+    that lists the closest names.
+    """
+    chosen = list(default) if patterns is None else []
+    for pattern in patterns or []:
+        hits = _matching(pattern, named)
+        if not hits:
+            raise ValueError(_unknown_tensor_message(f"{prefix}names", pattern, list(named)))
+        chosen += [h for h in hits if h not in chosen]
+    for pattern in exclude or []:
+        hits = set(_matching(pattern, named))
+        if not hits:
+            raise ValueError(_unknown_tensor_message(f"{prefix}exclude", pattern, list(named)))
+        chosen = [name for name in chosen if name not in hits]
+    if not chosen:
+        raise ValueError(f"{prefix}names: no tensor left to prune (the model has no conv or linear weights, "
+                         "or exclude removed them all)")
+    return chosen
+
+
+def _matching(pattern: str, named: Mapping[str, nn.Parameter]) -> list[str]:
+    if pattern in named:
+        return [pattern]
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return [n for n, p in named.items() if p.dim() >= 2 and regex.fullmatch(n)]
+    if any(c in pattern for c in "*?["):
+        return [n for n, p in named.items() if p.dim() >= 2 and fnmatch.fnmatchcase(n, pattern)]
+    return []
+
+
 def _unknown_tensor_message(key: str, name: str, existing: list[str]) -> str:
-    close = difflib.get_close_matches(name, existing, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name.removeprefix("re:"), existing, n=3, cutoff=0.5)
     hint = f"closest: {', '.join(close)}" if close else f"the model has: {', '.join(existing[:6])}, ..."
-    return f"{key}: {name!r} is not a parameter of the model; {hint}"
+    return f"{key}: {name!r} matches no parameter of the model; {hint}"

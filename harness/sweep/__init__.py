@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps on Optuna: the search-space grammar and the trial overrides."""
