@@ -197,7 +197,7 @@ def _map_epochs(spec: PruningSpec, train: LpotTrain, draft: _Draft) -> None:
         draft.set(f"{TRAIN}.end_epoch", "train.finetune_epochs", lpot_epochs, span)
     else:
         draft.set(f"{TRAIN}.end_epoch", "train.finetune_epochs", needed,
-                  f"{span}: {lpot_epochs} epochs, raised to the max with {needed}: {fit}")
+                  f"{span}, {lpot_epochs} epochs; raised to {needed}, the larger: {fit}")
     if "start_epoch" in train.source and train.start_epoch == 0:
         draft.note(train.source["start_epoch"], "train.finetune_epochs", "epochs numbered from 0, as in LPOT")
 

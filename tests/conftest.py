@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from harness.__main__ import CONF_DIR
 from harness.config import Config, register_configs, to_config
+from tests.postgres import postgres_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -259,7 +259,8 @@ def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> subprocess.
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a grandchild outside the group may hold the pipe
+            proc.communicate(timeout=10)
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 

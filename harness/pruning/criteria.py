@@ -238,8 +238,8 @@ class SnipMomentum(_GradientScorer):
 class RandomScores(Scorer):
     """Fixed random scores in [0, 1), drawn once per tensor and reused.
 
-    The generator of a tensor is seeded with ``seed`` combined with ``zlib.crc32`` of its
-    name, and the scores are drawn on the CPU: the same seed gives the same masks on every
+    The generator of a tensor is seeded with ``zlib.crc32`` of the seed and its name, and
+    the scores are drawn on the CPU: the same seed gives the same masks on every
     device and run, different tensors get independent scores, and because the scores never
     change, a rising sparsity prunes nested subsets.
 
@@ -270,7 +270,8 @@ class RandomScores(Scorer):
         return drawn.clone()
 
     def _tensor_seed(self, name: str) -> int:
-        return (self.seed * 2**32 + zlib.crc32(name.encode("utf-8"))) % 2**64
+        # One 32-bit hash of both: torch's CPU generator (mt19937) keeps only a seed's low 32 bits.
+        return zlib.crc32(f"{self.seed}/{name}".encode())
 
     def __repr__(self) -> str:
         return f"RandomScores(seed={self.seed})"

@@ -351,9 +351,8 @@ def _read_fields(data: dict[str, Any], path: str, allowed: set[str], unmapped: l
             else:
                 unmapped.append(f"{dotted}: {method!r} is not supported (LPOT's per_channel kept a share of "
                                 "each output channel); the harness prunes per tensor")
-        elif key == "parameters":
-            if value not in ({}, []):
-                unmapped.append(f"{dotted}: not used (LPOT passed it to its non-magnitude pruners)")
+        elif key == "parameters" and value not in ({}, []):
+            unmapped.append(f"{dotted}: not used (LPOT passed it to its non-magnitude pruners)")
     return out
 
 
@@ -483,7 +482,7 @@ class Model:
 
         wrapped = common.Model(net)
         wrapped.model is net        # True
-        wrapped.save("out/")        # out/best_model_weights.pt (LPOT's file name), a state_dict
+        wrapped.save("out")         # out/best_model_weights.pt (LPOT's folder layout), a state_dict
     """
 
     def __init__(self, root: nn.Module) -> None:
@@ -496,15 +495,16 @@ class Model:
         self.model = root
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the state_dict to ``path``, or to ``path/best_model_weights.pt`` for a folder."""
+        """Save the state_dict: to ``path`` when it names a file (``.pt``, ``.pth``, ``.bin``), else,
+        as LPOT did, to ``path/best_model_weights.pt``. Returns the file written."""
         import torch
 
         target = Path(path)
-        if target.is_dir() or str(path).endswith(("/", os.sep)):
+        if target.suffix in (".pt", ".pth", ".bin") and not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+        else:
             target.mkdir(parents=True, exist_ok=True)
             target = target / "best_model_weights.pt"
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), target)
         return target
 

@@ -440,9 +440,11 @@ def select_global(
     for name, chunk in ranked_of.items():
         chunk.copy_(unit_scores[name].detach().reshape(-1))
         chunk.masked_fill_(current_keep[name].reshape(-1).to(device).eq(0), _PRUNED)
-    sizes = {name: unit_sizes[name].to(device=device, dtype=torch.int64).reshape(-1) for name in names}
-    weights = {name: _total(sizes[name]) for name in names}
+    weights = {name: _total(unit_sizes[name].reshape(-1)) for name in names}
     one_weight_units = sum(weights.values()) == ranked.numel()  # sizes are >= 1
+    sizes = {} if one_weight_units else {
+        name: unit_sizes[name].to(device=device, dtype=torch.int64).reshape(-1) for name in names
+    }
 
     unit_size = 1 if one_weight_units else _common_unit_size(sizes.values())
     if unit_size is not None:

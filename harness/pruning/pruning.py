@@ -154,6 +154,7 @@ class Pruning:
         self.global_step = 0
         self._epoch_start_step = 0
         self._explicit_steps = False  # on_before_optimizer_step is being called
+        self._provisional_steps = 0  # batch ends counted as steps before the first explicit step
         self._step_pending = False
 
     # -- set-up ---------------------------------------------------------------------------
@@ -253,7 +254,10 @@ class Pruning:
 
     def on_before_optimizer_step(self) -> None:
         """Mask the gradients (pruned weights take no part in the update); feed gradient criteria."""
-        self._explicit_steps = True
+        if not self._explicit_steps:
+            # Until now each batch end counted as a step; those were micro-batches of this first step.
+            self._explicit_steps = True
+            self.global_step -= self._provisional_steps
         if not self._hooks:
             self._before_step()
             self._step_pending = True
@@ -265,6 +269,7 @@ class Pruning:
             return
         if self._step_pending or not self._explicit_steps:
             self.global_step += 1
+            self._provisional_steps += not self._explicit_steps
         self._step_pending = False
         self.apply_masks()
 
