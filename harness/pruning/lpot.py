@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LpotConfig", "LpotTrain", "Model", "Pruning", "common", "load_lpot_yaml", "read_lpot_yaml",
-           "read_train_section"]
+__all__ = ["LPOT_DEFAULTS", "LpotConfig", "LpotTrain", "Model", "Pruning", "common", "format_sparsity",
+           "load_lpot_yaml", "read_lpot_yaml", "read_train_section"]
 
 # LPOT 1.6's values for a field that the whole file leaves out (lpot/conf/config.py:
 # weight_compression_schema's defaults, and Pruner.__init__'s update_frequency=1 and

@@ -459,8 +459,8 @@ def select_global(
         for name, chunk in ranked_of.items():
             cap = math.floor(max_sparsity * weights[name] + 1e-6)
             if cap < weights[name]:
-                may_lose = ~_prune_lowest(chunk, None if one_weight_units else sizes[name], cap, closest=False)
-                chunk.masked_fill_(~may_lose, math.inf)
+                kept_at_cap = _prune_lowest(chunk, None if one_weight_units else sizes[name], cap, closest=False)
+                chunk.masked_fill_(kept_at_cap, math.inf)
 
     all_sizes = None if one_weight_units else torch.cat([sizes[name] for name in names])
     keep = _prune_lowest(ranked, all_sizes, target, closest=True)
