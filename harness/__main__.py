@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import apply_lpot_file, register_configs, to_config
+from harness.config import Config, apply_lpot_file, register_configs, to_config
 from harness.errors import HarnessError, user_error_message
+
+if TYPE_CHECKING:
+    from harness.sweep.trial import TrialLink
 
 register_configs()
 
@@ -22,18 +26,27 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> dict[str, float]:
     from harness import runner  # imported here so that config errors surface before torch loads
 
     try:
         if cfg.lpot:
             cfg = apply_lpot_file(cfg, list(HydraConfig.get().overrides.task))
-        result = runner.run(to_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        config = to_config(cfg)
+        result = runner.run(config, Path(HydraConfig.get().runtime.output_dir), trial=_sweep_trial(config))
     except HarnessError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed trial and goes on
         _exit_with(str(err))
-    return result.metrics.get("final/sparsity")
+    return result.summary()  # what a sweeper optimizes: the summary metrics and the goal's slack
+
+
+def _sweep_trial(config: Config) -> TrialLink | None:
+    if not config.sweep_trial.study:
+        return None
+    from harness.sweep.trial import TrialLink
+
+    return TrialLink.from_config(config.sweep_trial)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,6 +20,7 @@ from harness.errors import ConfigError
 from harness.pruning.spec import PruningSpec
 
 DATASETS = ("digits", "cifar10", "imagefolder", "fake")
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 HARNESS_MODELS = ("digits_cnn", "mlp")
 
 
@@ -167,6 +169,19 @@ class GoalConfig:
 
 
 @dataclass
+class SweepTrialConfig:
+    """Set by the sweeper for each trial's run: which Optuna trial it evaluates."""
+
+    storage: str | None = None
+    study: str | None = None
+    number: int = -1
+    parent_run_id: str | None = None  # the sweep's MLflow run, to nest this run under it
+    pruner: str = "none"
+    pruner_startup_trials: int = 0
+    pruner_warmup_steps: int = 0
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +192,7 @@ class Config:
     seed: int = 0
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
     lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)
+    sweep_trial: SweepTrialConfig = field(default_factory=SweepTrialConfig)
 
     def __post_init__(self) -> None:
         if not self.prune.enabled:
@@ -194,6 +210,9 @@ def register_configs() -> None:
     """Register the schema so that conf/config.yaml can list it first in its defaults."""
     cs = ConfigStore.instance()
     cs.store(name="harness_schema", node=Config)
+    # sweeps/<name>.yaml is the config group `sweep`: python -m harness --multirun +sweep=<name>
+    for path in sorted(SWEEPS_DIR.glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
     # conf/prune/nm.yaml: the target of N:M pruning follows n and m unless set explicitly.
     if not OmegaConf.has_resolver("nm_sparsity"):
         OmegaConf.register_new_resolver("nm_sparsity", lambda n, m: 1.0 - int(n) / int(m))

@@ -19,6 +19,10 @@ class DataError(HarnessError):
     """A dataset that cannot be loaded as configured."""
 
 
+class RunStopped(Exception):
+    """A run stopped on purpose before its end (e.g. a sweep's pruner); its run is KILLED, not FAILED."""
+
+
 def user_error_message(err: BaseException) -> str | None:
     """One line for a user mistake (ours, Hydra's or OmegaConf's); None for anything else (a bug)."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException

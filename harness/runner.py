@@ -19,7 +19,7 @@ from harness import report
 from harness.baseline import load_or_train
 from harness.config import Config
 from harness.data import build_data
-from harness.errors import ConfigError
+from harness.errors import ConfigError, RunStopped
 from harness.goal import Verdict, judge
 from harness.models import build_model
 from harness.pruning import MaskUpdate, Pruning, count_sparsity, overall_sparsity, prunable_weights
@@ -36,9 +36,18 @@ class RunResult:
     run_id: str | None
     output_dir: Path
 
+    def summary(self) -> dict[str, float]:
+        """The metrics plus ``goal/excess_drop`` (the drop beyond the allowed one; <= 0 meets the goal)."""
+        excess = {"goal/excess_drop": self.verdict.drop - self.verdict.max_drop} if self.verdict else {}
+        return self.metrics | excess
 
-def run(cfg: Config, output_dir: Path) -> RunResult:
-    """Run one experiment as configured and write its artifacts to ``output_dir``."""
+
+def run(cfg: Config, output_dir: Path, trial: Any = None) -> RunResult:
+    """Run one experiment as configured and write its artifacts to ``output_dir``.
+
+    ``trial`` (a sweep's :class:`~harness.sweep.trial.TrialLink`, or None) adds its tags to the
+    run, hears the run id and each epoch's val accuracy, and may stop the run.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     outputs = Path(cfg.outputs_dir)
     device = resolve_device(cfg.train.device)
@@ -52,8 +61,11 @@ def run(cfg: Config, output_dir: Path) -> RunResult:
         print(report.format_plan(pruning, pruning.plan(cfg.train.finetune_epochs)), flush=True)
         return RunResult({}, None, None, output_dir)
 
-    tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=_tags(cfg))
+    tags = _tags(cfg) | (trial.tags() if trial else {})
+    tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=tags)
     with finished_or_failed(tracker):
+        if trial:
+            trial.on_run_started(tracker.run_id)
         tracker.log_params(flatten(config_dict(cfg)))
 
         def train_dense(m: torch.nn.Module) -> tuple[float, float]:
@@ -83,7 +95,7 @@ def run(cfg: Config, output_dir: Path) -> RunResult:
             pruning.add_listener(updates.append)
             pruning.add_listener(lambda u: tracker.log_metrics(sparsity_metrics(u), u.global_step))
             history = fit(model, data.train, data.val, cfg.train, epochs=cfg.train.finetune_epochs,
-                          lr=cfg.train.finetune_lr, device=device, callbacks=[pruning],
+                          lr=cfg.train.finetune_lr, device=device, callbacks=[pruning, *([trial] if trial else [])],
                           log_metrics=tracker.log_metrics, desc="prune")
             model = pruning.finalize()
             names = list(pruning.params)
@@ -127,7 +139,10 @@ def finished_or_failed(tracker: Tracker) -> Iterator[None]:
     """End the tracked run as FINISHED, FAILED (with the error as a tag) or KILLED; never RUNNING."""
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped) as err:
+        if isinstance(err, RunStopped):
+            with contextlib.suppress(Exception):
+                tracker.set_tags({"harness.stopped": str(err)})
         tracker.finish("KILLED")
         raise
     except BaseException as err:

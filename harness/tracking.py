@@ -49,15 +49,21 @@ class MlflowTracker(Tracker):
     """One MLflow run, created on construction and ended by :meth:`finish`."""
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None,
-                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+                 artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
+                 resume_run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (found.experiment_id if found is not None else
-                              self.client.create_experiment(experiment, artifact_location=artifact_location))
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        if resume_run_id:  # reopen a run (a resumed sweep's parent, or a dead trial's run to close)
+            run = self.client.get_run(resume_run_id)
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.experiment_id = run.info.experiment_id
+        else:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (found.experiment_id if found is not None else
+                                  self.client.create_experiment(experiment, artifact_location=artifact_location))
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id = run.info.run_id
         self.run_name = run.info.run_name
         self._pending: list[Any] = []
@@ -116,7 +122,7 @@ class MlflowTracker(Tracker):
 
 
 def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
-                 tags: Mapping[str, str] | None = None) -> Tracker:
+                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> Tracker:
     if cfg.backend == TrackingBackend.none:
         return Tracker()
     _quiet_mlflow_logs()
@@ -126,7 +132,7 @@ def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
         outputs_dir.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{(outputs_dir / 'mlflow.db').resolve()}"
         artifact_location = (outputs_dir / "mlartifacts").resolve().as_uri()
-    return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags)
+    return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags, resume_run_id)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

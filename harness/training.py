@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 HOOKS = (
     "on_train_begin", "on_epoch_begin", "on_batch_begin", "on_before_optimizer_step",
-    "on_batch_end", "on_epoch_end", "on_train_end",
+    "on_batch_end", "on_epoch_end", "on_validation", "on_train_end",
 )
 
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -32,7 +32,7 @@ class _CallbackList:
     def __init__(self, callbacks: Iterable[object]) -> None:
         self._hooks = {name: [getattr(c, name) for c in callbacks if hasattr(c, name)] for name in HOOKS}
 
-    def __call__(self, hook: str, *args: int) -> None:
+    def __call__(self, hook: str, *args: float) -> None:
         for fn in self._hooks[hook]:
             fn(*args)
 
@@ -139,6 +139,7 @@ def fit(
         bar.set_postfix(loss=f"{result.train_loss:.4f}", val=f"{val_accuracy:.4f}")
         log.info("%s epoch %d/%d  loss %.4f  val accuracy %.4f", desc, epoch + 1, epochs,
                  result.train_loss, val_accuracy)
+        hooks("on_validation", epoch, val_accuracy)  # e.g. a sweep trial reports, and may stop the run
     hooks("on_train_end")
     bar.close()
     return history

@@ -1,0 +1,146 @@
+"""The ask/tell loop of a sweep: one trial at a time per worker, against a shared study.
+
+Each worker (the process the user started, the helper processes it starts for
+``n_jobs > 1``, or the same command started again elsewhere) loops: under the study lock,
+count the trials and ask for one if fewer than ``n_trials`` are finished or running;
+run it; tell the result. A slot freed by a finished or pruned trial is refilled at once,
+and exactly ``n_trials`` trials finish in total, also across restarts: a trial whose
+process died is marked FAIL at the next start and replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.sweep.space import SearchSpace
+from harness.sweep.study import (
+    FINISHED,
+    count,
+    fail_dead_trials,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    mark_worker,
+    study_lock,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    study_name: str
+    storage: str
+    n_trials: int
+    objectives: list[str]  # metric names returned by each run, e.g. ["final/sparsity"]
+    directions: list[str]  # "maximize" / "minimize", one per objective
+    goal_constraint: bool  # trials that miss the accuracy goal are infeasible
+    sampler: str = "tpe"
+    seed: int | None = 0
+    pruner: str = "median"
+    pruner_startup_trials: int = 5
+    pruner_warmup_steps: int = 2
+    max_failures: int = 5  # a worker stops after this many failed trials (crashes, not pruned trials)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run gave back: its summary metrics, or how it ended early."""
+
+    metrics: dict[str, float] | None = None
+    pruned: bool = False
+    error: str | None = None
+
+
+@dataclass
+class WorkerReport:
+    ran: list[int] = field(default_factory=list)  # trial numbers this worker ran
+    failed: list[int] = field(default_factory=list)
+    stale: list[optuna.trial.FrozenTrial] = field(default_factory=list)  # dead trials marked FAIL
+
+
+def open_study(settings: SweepSettings) -> optuna.Study:
+    """Create the study, or load it to resume or to join other workers."""
+    return optuna.create_study(
+        study_name=settings.study_name,
+        storage=make_storage(settings.storage),
+        directions=settings.directions,
+        sampler=make_sampler(settings.sampler, settings.seed),
+        pruner=make_pruner(settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_steps),
+        load_if_exists=True,
+    )
+
+
+def run_worker(
+    settings: SweepSettings,
+    space: SearchSpace,
+    run_trial: Callable[[optuna.trial.Trial, list[str]], Outcome],
+) -> WorkerReport:
+    """Ask, run and tell until the study has ``n_trials`` finished (or running) trials."""
+    study = open_study(settings)
+    report = WorkerReport(stale=fail_dead_trials(study))
+    while True:
+        if len(report.failed) >= settings.max_failures:
+            log.warning("stopping: %d trials failed (hydra.sweeper.max_failures=%d)",
+                        len(report.failed), settings.max_failures)
+            break
+        with study_lock(settings.storage, settings.study_name):
+            busy = count(study, (*FINISHED, TrialState.RUNNING))
+            trial = study.ask() if busy < settings.n_trials else None
+            if trial is not None:
+                mark_worker(trial)
+        if trial is None:
+            if count(study, (TrialState.RUNNING,)) == 0 or count(study, FINISHED) >= settings.n_trials:
+                break
+            time.sleep(2.0)  # others are running the last trials; one may fail and need replacing
+            continue
+        values = space.suggest(trial)
+        outcome = run_trial(trial, space.to_overrides(values))
+        report.ran.append(trial.number)
+        _tell(study, trial, outcome, settings)
+        if outcome.error is not None:
+            report.failed.append(trial.number)
+    return report
+
+
+def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, settings: SweepSettings) -> None:
+    if outcome.pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d pruned", trial.number)
+        return
+    if outcome.error is not None or outcome.metrics is None:
+        trial.set_user_attr("error", (outcome.error or "no result")[:2000])
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, outcome.error)
+        return
+    metrics = outcome.metrics
+    trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+    if settings.goal_constraint and "goal/excess_drop" in metrics:
+        trial.set_constraint("accuracy_goal", metrics["goal/excess_drop"])
+    missing = [name for name in settings.objectives if name not in metrics]
+    if missing:
+        trial.set_user_attr("error", f"the run returned no {missing[0]!r}")
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    values = [float(metrics[name]) for name in settings.objectives]
+    study.tell(trial, values if len(values) > 1 else values[0])
+    log.info("trial %d: %s", trial.number,
+             ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, "final/accuracy") if k in metrics))
+
+
+def describe_outcome(value: Any) -> Outcome:
+    """Turn what a Hydra job returned (or raised) into an :class:`Outcome`."""
+    if isinstance(value, optuna.TrialPruned):
+        return Outcome(pruned=True)
+    if isinstance(value, BaseException):
+        return Outcome(error=f"{type(value).__name__}: {value}")
+    if isinstance(value, dict):
+        return Outcome(metrics={k: float(v) for k, v in value.items()})
+    return Outcome(error=f"the run returned {type(value).__name__}, not its metrics")

@@ -1,0 +1,134 @@
+"""The Optuna study of a sweep: storage, sampler and pruner from config, a study-wide lock,
+and clean-up of trials whose process died (SIGKILL, a lost machine).
+
+Studies live in an RDB storage so that a sweep resumes where it stopped and several
+workers share it: SQLite (``outputs/optuna.db``) on one machine, PostgreSQL across machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.errors import ConfigError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SAMPLERS = ("tpe", "random", "nsga2", "qmc")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+
+
+def default_storage(outputs_dir: str | Path) -> str:
+    Path(outputs_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(Path(outputs_dir) / 'optuna.db').resolve()}"
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    # SQLite: wait on a lock instead of failing at once when another worker writes.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """Optuna 5's samplers read the constraints that trials set with ``trial.set_constraint``."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    raise ConfigError(f"hydra.sweeper.sampler.name={name}: must be one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, n_startup_trials: int, n_warmup_steps: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=n_startup_trials,
+                                               n_warmup_steps=n_warmup_steps)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"hydra.sweeper.pruner.name={name}: must be one of {', '.join(PRUNERS)}")
+
+
+@contextlib.contextmanager
+def study_lock(storage_url: str, study_name: str) -> Iterator[None]:
+    """Serialize "count the trials, then ask for one" across the workers of a study.
+
+    SQLite: a file lock beside the database. PostgreSQL: an advisory lock. Other
+    storages: no lock (the trial count may overshoot by the number of workers).
+    """
+    if storage_url.startswith("sqlite:///"):
+        path = Path(storage_url.removeprefix("sqlite:///") + f".{_digest(study_name)}.lock")
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if storage_url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
+        key = int(_digest(study_name), 16) % (2**62)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    yield
+
+
+def mark_worker(trial: optuna.trial.Trial) -> None:
+    """Record which process runs the trial, so that a later start can tell if it died."""
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Mark FAIL the RUNNING trials whose process on this host is gone; return them."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") == socket.gethostname() and not _alive(int(worker.get("pid", -1))):
+            with contextlib.suppress(Exception):  # another worker may have just done it
+                study.tell(trial.number, state=TrialState.FAIL)
+                failed.append(trial)
+    return failed
+
+
+def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:15]
+

@@ -1,0 +1,83 @@
+"""Hydra's Sweeper interface over the harness's Optuna 5 sweep (harness/sweep/).
+
+Hydra instantiates sweepers only from the ``hydra_plugins`` namespace package, so this file
+holds the plugin's config schema (``hydra/sweeper=harness_optuna``) and a thin class that
+hands every job to Hydra's configured launcher.
+"""
+
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module outside
+# sys.modules, where dataclasses cannot resolve string annotations.
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class SamplerConf:
+    name: str = "tpe"  # tpe | random | nsga2 | qmc
+    seed: int | None = 0
+
+
+@dataclass
+class PrunerConf:
+    name: str = "median"  # median | percentile | successive_halving | hyperband | none
+    n_startup_trials: int = 5  # no pruning before this many trials have finished
+    n_warmup_steps: int = 2  # nor before this many epochs of a trial
+
+
+@dataclass
+class HarnessSweeperConf:
+    _target_: str = "hydra_plugins.harness_sweeper.harness_sweeper.HarnessSweeper"
+    study_name: str | None = None  # default: "sweep"
+    storage: str | None = None  # default: sqlite:///<outputs_dir>/optuna.db
+    n_trials: int = 20  # trials to finish in total (COMPLETE or PRUNED), across restarts and workers
+    n_jobs: int = 1  # worker processes on this machine
+    objectives: list[str] = field(default_factory=lambda: ["final/sparsity"])
+    directions: list[str] = field(default_factory=lambda: ["maximize"])
+    goal_constraint: bool = True  # a trial that misses the accuracy goal (on val) is infeasible
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    max_failures: int = 5  # a worker stops after this many failed (crashed) trials
+    params: dict[str, Any] = field(default_factory=dict)
+    worker: bool = False  # set on the helper processes started for n_jobs > 1
+    parent_run_id: str | None = None  # set on those helpers: the sweep's MLflow run
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="harness_optuna", node=HarnessSweeperConf,
+                             provider="harness")
+
+
+class HarnessSweeper(Sweeper):
+    def __init__(self, **options: Any) -> None:
+        from harness.sweep.sweeper import SweeperOptions
+
+        options.pop("_target_", None)
+        plain = {k: OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for k, v in options.items()}
+        self.options = SweeperOptions(**plain)
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        from harness.sweep.loop import describe_outcome
+        from harness.sweep.sweeper import run_sweep
+
+        assert self.config is not None
+
+        def launch(overrides: list[str], job_index: int) -> Any:
+            (result,) = self.launcher.launch([overrides], initial_job_idx=job_index)
+            value = result._return_value if result.status == JobStatus.FAILED else result.return_value
+            return describe_outcome(value)
+
+        run_sweep(self.options, self.config, arguments, launch)
