@@ -8,7 +8,6 @@ runs with the same key (a sweep's parallel trials) train it once and share it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.config import Config
+from harness.locking import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def load_or_train(
     folder = cache_root / key
     folder.mkdir(parents=True, exist_ok=True)
     weights, meta = folder / "model.pt", folder / "meta.json"
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then loads
+    with file_lock(folder / ".lock"):  # a second process waits here, then loads
         if weights.exists() and meta.exists():
             info = json.loads(meta.read_text())
             model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

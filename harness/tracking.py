@@ -7,6 +7,7 @@ several runs can live in one process) and buffers metrics, sending them with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import TrackingBackend, TrackingConfig
+from harness.locking import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,20 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        # Two processes creating one SQLite store (or one experiment) at once race; take turns.
+        lock = file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")) if uri.startswith("sqlite:///") \
+            else contextlib.nullcontext()
+        with lock:
+            self.client = MlflowClient(tracking_uri=uri)
+            run = self._open_run(experiment, run_name, artifact_location, tags, resume_run_id)
+        self.run_id = run.info.run_id
+        self.run_name = run.info.run_name
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._finished = False
+
+    def _open_run(self, experiment: str, run_name: str | None, artifact_location: str | None,
+                  tags: Mapping[str, str] | None, resume_run_id: str | None) -> Any:
         if resume_run_id:  # reopen a run (a resumed sweep's parent, or a dead trial's run to close)
             run = self.client.get_run(resume_run_id)
             self.client.update_run(resume_run_id, status="RUNNING")
@@ -64,11 +79,7 @@ class MlflowTracker(Tracker):
             self.experiment_id = (found.experiment_id if found is not None else
                                   self.client.create_experiment(experiment, artifact_location=artifact_location))
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
-        self.run_id = run.info.run_id
-        self.run_name = run.info.run_name
-        self._pending: list[Any] = []
-        self._last_flush = time.monotonic()
-        self._finished = False
+        return run
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

@@ -67,15 +67,17 @@ class WorkerReport:
 
 
 def open_study(settings: SweepSettings) -> optuna.Study:
-    """Create the study, or load it to resume or to join other workers."""
-    return optuna.create_study(
-        study_name=settings.study_name,
-        storage=make_storage(settings.storage),
-        directions=settings.directions,
-        sampler=make_sampler(settings.sampler, settings.seed),
-        pruner=make_pruner(settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_steps),
-        load_if_exists=True,
-    )
+    """Create the study, or load it to resume or to join other workers (one at a time: creating
+    the storage's tables concurrently races)."""
+    with study_lock(settings.storage, settings.study_name):
+        return optuna.create_study(
+            study_name=settings.study_name,
+            storage=make_storage(settings.storage),
+            directions=settings.directions,
+            sampler=make_sampler(settings.sampler, settings.seed),
+            pruner=make_pruner(settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_steps),
+            load_if_exists=True,
+        )
 
 
 def run_worker(

@@ -8,7 +8,6 @@ workers share it: SQLite (``outputs/optuna.db``) on one machine, PostgreSQL acro
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import socket
@@ -19,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import ConfigError
+from harness.locking import file_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "nsga2", "qmc")
@@ -72,13 +72,8 @@ def study_lock(storage_url: str, study_name: str) -> Iterator[None]:
     storages: no lock (the trial count may overshoot by the number of workers).
     """
     if storage_url.startswith("sqlite:///"):
-        path = Path(storage_url.removeprefix("sqlite:///") + f".{_digest(study_name)}.lock")
-        with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(Path(storage_url.removeprefix("sqlite:///") + f".{_digest(study_name)}.lock")):
+            yield
         return
     if storage_url.startswith("postgresql"):
         import sqlalchemy

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
     swept, fixed = {}, []
     for override in OverridesParser.create().parse_overrides(arguments):
         if override.is_sweep_override():
-            swept[override.get_key_element()] = override.get_value_element_as_str()
+            swept[override.key_or_group] = override.input_line.split("=", 1)[1]
         else:
             fixed.append(override.input_line)
     return swept, fixed
@@ -150,7 +150,7 @@ def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: 
 
 
 @contextlib.contextmanager
-def _closing(tracker: Tracker | None):  # noqa: ANN202
+def _closing(tracker: Tracker | None) -> Iterator[None]:
     from harness.runner import finished_or_failed
 
     if tracker is None:

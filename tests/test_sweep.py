@@ -1,0 +1,219 @@
+"""Sweeps end to end: the Optuna study, nested MLflow runs, pruning, resume after a kill, and
+several workers sharing one study (SQLite, and PostgreSQL on loopback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState, create_trial
+
+from harness import runner
+from harness.errors import RunStopped
+from harness.sweep.loop import Outcome, SweepSettings, describe_outcome, run_worker
+from harness.sweep.space import parse_search_space
+from harness.sweep.trial import Pruned, TrialLink
+
+from .conftest import REPO, compose_config
+
+# A quick sweep: 2 dense epochs, 3 fine-tuning epochs, two searched parameters.
+QUICK = [
+    "hydra/sweeper=harness_optuna", "hydra.sweeper.study_name=quick", "hydra.sweeper.pruner.name=none",
+    "train.epochs=2", "train.finetune_epochs=3", "prune.end_epoch=2",
+    "prune.target_sparsity=interval(0.5, 0.95)", "prune.schedule=choice(linear, cubic)",
+]
+
+
+def sweep_command(args: list[str], outputs: Path) -> list[str]:
+    return [sys.executable, "-m", "harness", "--multirun", *args, f"outputs_dir={outputs}",
+            f"hydra.sweep.dir={outputs}/sweep"]
+
+
+def run_sweep(args: list[str], outputs: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    return subprocess.run(sweep_command(args, outputs), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def load(outputs: Path, name: str = "quick") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{outputs / 'optuna.db'}")
+
+
+def mlflow_runs(outputs: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+
+
+@pytest.mark.slow
+def test_sweep_runs_trials_nested_under_one_parent_and_reports_the_best(tmp_path):
+    result = run_sweep([*QUICK, "hydra.sweeper.n_trials=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert all(len(t.intermediate_values) == 3 for t in study.trials)  # val accuracy reported per epoch
+
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    best = study.best_trial
+    assert results["best_params"] == best.params
+    assert results["best"]["val_accuracy"] == best.user_attrs["metrics"]["final/accuracy"]
+    assert results["best"]["test_accuracy"] == best.user_attrs["metrics"]["final/test_accuracy"]
+    assert "python -m harness" in results["best"]["command"]
+    assert f"prune.target_sparsity={best.params['prune.target_sparsity']!r}" in results["best"]["command"]
+    assert "reproduce: python -m harness" in result.stdout
+
+    runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("harness.sweep") == "parent"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2]
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.metrics["best/final/sparsity"] == pytest.approx(best.value)
+    assert "best/final/test_accuracy" in parent.data.metrics
+    assert parent.data.tags["best.command"] == results["best"]["command"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_results.yaml", "accuracy_vs_sparsity.png", "optimization_history.png",
+            "param_importances.png"} <= artifacts
+
+    # The same command again: the study is complete, nothing more runs, the result is reported.
+    again = run_sweep([*QUICK, "hydra.sweeper.n_trials=3"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(load(tmp_path).trials) == 3
+    assert "reproduce: python -m harness" in again.stdout
+    assert len([r for r in mlflow_runs(tmp_path) if r.data.tags.get("harness.sweep") == "parent"]) == 1
+
+
+@pytest.mark.slow
+def test_named_sweep_and_two_jobs_share_the_study(tmp_path):
+    args = ["+sweep=max_sparsity", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+            "train.epochs=2", "train.finetune_epochs=7"]
+    result = run_sweep(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "max_sparsity")
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and len(study.trials) == 4
+    workers = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(workers) == 2  # both processes ran trials
+    assert (tmp_path / "sweep" / "worker-1.log").exists()
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in mlflow_runs(tmp_path))
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_sigkill(tmp_path):
+    args = [*QUICK, "hydra.sweeper.n_trials=3", "train.finetune_epochs=6", "prune.end_epoch=4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    process = subprocess.Popen(sweep_command(args, tmp_path), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait until one trial finished and the next one is running
+        time.sleep(0.5)
+        try:
+            states = [t.state for t in load(tmp_path).trials]
+        except Exception:  # the study does not exist yet
+            continue
+        if states.count(TrialState.COMPLETE) == 1 and TrialState.RUNNING in states:
+            time.sleep(1.5)  # let the running trial open its MLflow run
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = [t for t in load(tmp_path).trials if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+
+    result = run_sweep(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    assert study.trials[killed[0].number].state == TrialState.FAIL
+    runs = mlflow_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed_run = killed[0].user_attrs.get("mlflow_run_id")
+    if killed_run:
+        assert next(r for r in runs if r.info.run_id == killed_run).info.status == "FAILED"
+
+
+def test_bad_sweep_params_are_one_line_errors(tmp_path):
+    result = run_sweep(["hydra/sweeper=harness_optuna", "prune.target_sparsity=interval(0.9, 0.5)"], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and "prune.target_sparsity" in lines[0] and "low < high" in lines[0], result.stderr
+
+
+def test_a_losing_trial_is_pruned_and_its_run_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="p", storage=storage, direction="maximize")
+    # An earlier trial that was perfect at every epoch: the median pruner stops anything worse.
+    study.add_trial(create_trial(value=1.0, intermediate_values={0: 1.0, 1: 1.0, 2: 1.0}))
+    trial = study.ask()
+    link = TrialLink(storage, "p", trial.number, None, "median", 0, 0)
+    cfg = compose_config(["train.epochs=1", "train.finetune_epochs=3", "prune.end_epoch=2",
+                          f"outputs_dir={tmp_path}"])
+    with pytest.raises(Pruned) as stopped:
+        runner.run(cfg, tmp_path / "run", trial=link)
+    assert isinstance(stopped.value, RunStopped) and isinstance(stopped.value, optuna.TrialPruned)
+    assert describe_outcome(stopped.value) == Outcome(pruned=True)
+    (run,) = mlflow_runs(tmp_path)
+    assert run.info.status == "KILLED"
+    assert "pruned by the study's pruner after epoch 0" in run.data.tags["harness.stopped"]
+    assert run.data.tags["optuna.trial_number"] == str(trial.number)
+    assert study.trials[trial.number].user_attrs["mlflow_run_id"] == run.info.run_id
+
+
+def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path):
+    settings = SweepSettings(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=5,
+                             objectives=["final/sparsity"], directions=["maximize"], goal_constraint=True,
+                             pruner="none", max_failures=2)
+    space = parse_search_space({"prune.target_sparsity": "interval(0.1, 0.9)"})
+    calls = []
+
+    def fake_run(trial, overrides):
+        calls.append(overrides)
+        s = trial.params["prune.target_sparsity"]
+        if len(calls) == 2:
+            return Outcome(pruned=True)
+        # Sparser than 0.6 misses the accuracy goal in this made-up world.
+        return Outcome(metrics={"final/sparsity": s, "goal/excess_drop": s - 0.6, "final/accuracy": 1 - s})
+
+    report = run_worker(settings, space, fake_run)
+    study = optuna.load_study(study_name="s", storage=settings.storage)
+    assert len(report.ran) == 5 and len(study.trials) == 5
+    assert [t.state for t in study.trials].count(TrialState.PRUNED) == 1
+    assert study.best_trial.params["prune.target_sparsity"] <= 0.6  # infeasible trials never win
+    assert all(o[0].startswith("prune.target_sparsity=") for o in calls)
+    # Failures stop a worker after max_failures.
+    settings2 = SweepSettings(**{**settings.__dict__, "study_name": "f", "n_trials": 10})
+    failing = run_worker(settings2, space, lambda trial, overrides: Outcome(error="RuntimeError: boom"))
+    assert len(failing.failed) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_worker_processes_share_a_postgres_study(postgres_server, tmp_path):
+    postgres_server.create_database("sweeps")
+    url = postgres_server.url("sweeps")
+    args = [*QUICK, "hydra.sweeper.n_trials=5", f"hydra.sweeper.storage={url}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    processes = [subprocess.Popen(sweep_command([*args, f"hydra.sweep.dir={tmp_path}/w{i}"], tmp_path), cwd=REPO,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=400)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][-2000:] + outputs[1][-2000:]
+    study = optuna.load_study(study_name="quick", storage=url)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 5 and len(study.trials) == 5  # none lost, none twice
+    assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 2
+    children = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("harness.sweep") != "parent"]
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in children)
+    assert numbers == [0, 1, 2, 3, 4]
