@@ -207,3 +207,25 @@ def test_dry_run_from_the_command_line_writes_nothing(tmp_path):
     assert "not pruned: features.0.weight" in result.stdout
     assert "11 updates" in result.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "baselines").exists()
+
+
+def test_config_from_dict_yaml_file_omegaconf_dataclass_or_lpot_file(tmp_path):
+    from omegaconf import OmegaConf
+
+    from harness.pruning import PruningSpec
+
+    (tmp_path / "plain.yaml").write_text("target_sparsity: 0.6\nschedule: linear\n")
+    (tmp_path / "lpot.yaml").write_text(
+        "pruning:\n  approach:\n    weight_compression:\n      pruners:\n"
+        "        - !Pruner\n            names: ['head.weight']\n            target_sparsity: 0.7\n")
+    sources = {
+        "dict": {"target_sparsity": 0.6, "schedule": "linear"},
+        "yaml": str(tmp_path / "plain.yaml"),
+        "omegaconf": OmegaConf.create({"target_sparsity": 0.6, "schedule": "linear"}),
+        "dataclass": PruningSpec(target_sparsity=0.6, schedule="linear"),
+    }
+    for name, source in sources.items():
+        (spec,) = Pruning(source).pruner_specs
+        assert (spec.target_sparsity, spec.schedule.value) == (0.6, "linear"), name
+    (lpot,) = Pruning(tmp_path / "lpot.yaml").pruner_specs
+    assert (lpot.names, lpot.target_sparsity, lpot.schedule.value) == (["head.weight"], 0.7, "linear")

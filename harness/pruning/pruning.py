@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 import re
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -128,15 +130,18 @@ class Pruning:
     """Gradual pruning during training, driven by the training loop's callbacks.
 
     Args:
-        spec: a :class:`PruningSpec`, or a mapping with its fields (e.g. parsed YAML).
+        spec: a :class:`PruningSpec`; a mapping with its fields (a dict, an OmegaConf node); or the
+            path of a YAML file holding them (an LPOT file, with ``pruning: approach: ...``, works too).
 
     Raises:
         ValueError: a field out of range, naming the field, its value and what is allowed.
     """
 
-    def __init__(self, spec: PruningSpec | Mapping[str, Any] | None = None) -> None:
+    def __init__(self, spec: PruningSpec | Mapping[str, Any] | str | os.PathLike | None = None) -> None:
         if spec is None:
             spec = PruningSpec()
+        elif isinstance(spec, str | os.PathLike):
+            spec = _spec_from_yaml(Path(spec))
         elif not isinstance(spec, PruningSpec):
             spec = PruningSpec.from_mapping(spec)
         self.spec = spec
@@ -426,6 +431,21 @@ class Pruning:
             sparsity={r.name: r.sparsity for r in rows},
             overall=overall_sparsity(rows),
         )
+
+
+def _spec_from_yaml(path: Path) -> PruningSpec:
+    import yaml
+
+    from .lpot import read_lpot_yaml
+
+    if not path.is_file():
+        raise ValueError(f"pruning config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if "pruning:" in text and "approach" in text:
+        return read_lpot_yaml(path).spec
+    data = yaml.safe_load(text) or {}
+    return PruningSpec.from_mapping(data.get("prune", data) if isinstance(data, dict) else {})
 
 
 def _position(spec: ResolvedPruner, epoch: int, in_epoch: int, spe: int) -> tuple[int, int, int] | None:
