@@ -33,9 +33,9 @@ import difflib
 import fnmatch
 import os
 import re
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
