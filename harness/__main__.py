@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.config import Config, apply_lpot_file, register_configs, to_config
-from harness.errors import HarnessError, user_error_message
+from harness.errors import HarnessError, Interrupted, user_error_message
 
 if TYPE_CHECKING:
     from harness.sweep.trial import TrialLink
@@ -33,7 +34,13 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
         if cfg.lpot:
             cfg = apply_lpot_file(cfg, list(HydraConfig.get().overrides.task))
         config = to_config(cfg)
-        result = runner.run(config, Path(HydraConfig.get().runtime.output_dir), trial=_sweep_trial(config))
+        output_dir, resume = Path(HydraConfig.get().runtime.output_dir), None
+        if config.resume:
+            from harness import checkpoints
+
+            resume = checkpoints.load(config.resume, config)
+            config, output_dir = resume.config, resume.path.parent  # the interrupted run's own config and dir
+        result = runner.run(config, output_dir, trial=_sweep_trial(config), resume=resume)
     except HarnessError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed trial and goes on
@@ -52,13 +59,27 @@ def _sweep_trial(config: Config) -> TrialLink | None:
 def main() -> None:
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # SIGTERM ends a run the way Ctrl-C does: its MLflow run is closed (KILLED), never left RUNNING.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _hydra_main()
+    except Interrupted as stop:
+        where = stop.checkpoint
+        hint = f"; continue with: python -m harness resume={where.parent}" if where else ""
+        print(f"stopped: {stop}{hint}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[stop.signal_name].value)
+    except KeyboardInterrupt:
+        print("stopped: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         message = user_error_message(err)
         if message is None:
             raise
         _exit_with(message)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _exit_with(message: str) -> None:

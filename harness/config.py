@@ -193,6 +193,7 @@ class Config:
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
     lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)
     sweep_trial: SweepTrialConfig = field(default_factory=SweepTrialConfig)
+    resume: str | None = None  # continue an interrupted run: its run dir, checkpoint file or MLflow run id
 
     def __post_init__(self) -> None:
         if not self.prune.enabled:

@@ -5,6 +5,7 @@ Anything else is a bug and keeps its traceback.
 """
 
 import re
+from typing import Any
 
 
 class HarnessError(Exception):
@@ -21,6 +22,16 @@ class DataError(HarnessError):
 
 class RunStopped(Exception):
     """A run stopped on purpose before its end (e.g. a sweep's pruner); its run is KILLED, not FAILED."""
+
+
+class Interrupted(RunStopped):
+    """SIGINT or SIGTERM arrived; the training loop stopped between two steps and hands back its
+    state (a ``harness.training.LoopState``), which the runner saves as a checkpoint."""
+
+    def __init__(self, signal_name: str, state: Any) -> None:
+        super().__init__(f"interrupted by {signal_name} at epoch {state.epoch} before step {state.step}")
+        self.signal_name, self.state = signal_name, state
+        self.checkpoint: Any = None  # the checkpoint's path, once written
 
 
 def user_error_message(err: BaseException) -> str | None:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import yaml
 
-from harness import report
+from harness import checkpoints, report
 from harness.baseline import load_or_train
 from harness.config import Config
 from harness.data import build_data
-from harness.errors import ConfigError, RunStopped
+from harness.errors import ConfigError, Interrupted, RunStopped
 from harness.goal import Verdict, judge
 from harness.models import build_model
 from harness.pruning import MaskUpdate, Pruning, count_sparsity, overall_sparsity, prunable_weights
@@ -42,11 +42,13 @@ class RunResult:
         return self.metrics | excess
 
 
-def run(cfg: Config, output_dir: Path, trial: Any = None) -> RunResult:
+def run(cfg: Config, output_dir: Path, trial: Any = None,
+        resume: checkpoints.Checkpoint | None = None) -> RunResult:
     """Run one experiment as configured and write its artifacts to ``output_dir``.
 
     ``trial`` (a sweep's :class:`~harness.sweep.trial.TrialLink`, or None) adds its tags to the
-    run, hears the run id and each epoch's val accuracy, and may stop the run.
+    run, hears the run id and each epoch's val accuracy, and may stop the run. ``resume``
+    continues an interrupted run from its checkpoint, in the same MLflow run.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     outputs = Path(cfg.outputs_dir)
@@ -62,7 +64,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None) -> RunResult:
         return RunResult({}, None, None, output_dir)
 
     tags = _tags(cfg) | (trial.tags() if trial else {})
-    tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=tags)
+    tracker = make_tracker(cfg.tracking, outputs, run_name=_run_name(cfg), tags=tags,
+                           resume_run_id=resume.run_id if resume else None)
     with finished_or_failed(tracker):
         if trial:
             trial.on_run_started(tracker.run_id)
@@ -92,11 +95,22 @@ def run(cfg: Config, output_dir: Path, trial: Any = None) -> RunResult:
             # Same fine-tuning randomness whether the baseline was just trained or loaded.
             seed_everything(cfg.seed + 1)
             data.train.generator.manual_seed(cfg.seed + 1)
+            if resume is not None:
+                pruning.load_state_dict(resume.pruning)
+                updates.extend(resume.updates)
+                log.info("resuming %s at epoch %d, step %d", resume.path, resume.loop.epoch, resume.loop.step)
             pruning.add_listener(updates.append)
             pruning.add_listener(lambda u: tracker.log_metrics(sparsity_metrics(u), u.global_step))
-            history = fit(model, data.train, data.val, cfg.train, epochs=cfg.train.finetune_epochs,
-                          lr=cfg.train.finetune_lr, device=device, callbacks=[pruning, *([trial] if trial else [])],
-                          log_metrics=tracker.log_metrics, desc="prune")
+            try:
+                history = fit(model, data.train, data.val, cfg.train, epochs=cfg.train.finetune_epochs,
+                              lr=cfg.train.finetune_lr, device=device, callbacks=[pruning, *([trial] if trial else [])],
+                              log_metrics=tracker.log_metrics, desc="prune",
+                              resume=resume.loop if resume else None)
+            except Interrupted as stop:
+                path = checkpoints.save(output_dir, cfg, stop.state, pruning.state_dict(), updates, tracker.run_id)
+                tracker.set_tags({"harness.checkpoint": str(path)})
+                stop.checkpoint = path
+                raise
             model = pruning.finalize()
             names = list(pruning.params)
             metrics |= {"final/accuracy": evaluate(model, data.val, device),
@@ -109,6 +123,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None) -> RunResult:
         tracker.log_metrics(metrics)
         _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker)
 
+        if resume is not None:
+            resume.path.unlink(missing_ok=True)  # done: nothing left to resume
         ui = tracker.ui_command() if isinstance(tracker, MlflowTracker) else None
         print(report.format_summary(rows, metrics, verdict, baseline_note, tracker.describe(), ui), flush=True)
     return RunResult(metrics, verdict, tracker.run_id, output_dir)

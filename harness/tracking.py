@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from harness.config import TrackingBackend, TrackingConfig
-from harness.locking import file_lock
+from harness.locking import file_lock, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,24 @@ class MlflowTracker(Tracker):
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (found.experiment_id if found is not None else
                                   self.client.create_experiment(experiment, artifact_location=artifact_location))
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self._close_orphans()
+            owner = {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**owner, **(tags or {})})
         return run
+
+    def _close_orphans(self) -> None:
+        """End as FAILED the RUNNING runs whose process on this machine is gone (a SIGKILL, a crash)."""
+        from mlflow.entities import ViewType
+
+        host = socket.gethostname()
+        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        for run in running:
+            tags = run.data.tags
+            if tags.get("harness.host") == host and not process_alive(int(tags.get("harness.pid", 0))):
+                self.client.set_tag(run.info.run_id, "error", "the process running this run died "
+                                    "(found RUNNING at a later start)")
+                self.client.set_terminated(run.info.run_id, status="FAILED")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -137,13 +154,18 @@ def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
     if cfg.backend == TrackingBackend.none:
         return Tracker()
     _quiet_mlflow_logs()
-    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(cfg, outputs_dir)
     artifact_location = None
-    if not uri:  # the default local store keeps its artifacts under outputs/ as well
+    if uri.startswith("sqlite:///") and not (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         outputs_dir.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{(outputs_dir / 'mlflow.db').resolve()}"
-        artifact_location = (outputs_dir / "mlartifacts").resolve().as_uri()
+        artifact_location = (outputs_dir / "mlartifacts").resolve().as_uri()  # artifacts under outputs/ too
     return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags, resume_run_id)
+
+
+def tracking_uri(cfg: TrackingConfig, outputs_dir: Path) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite store ``<outputs_dir>/mlflow.db``."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(outputs_dir / 'mlflow.db').resolve()}"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,15 +6,23 @@ names) plugs in through ``callbacks`` without changing its shape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import math
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import LrSchedule, Optimizer, TrainConfig
+from harness.errors import HarnessError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,26 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
     return correct / total if total else 0.0
 
 
+@dataclass
+class LoopState:
+    """Where a training loop stands between two steps: everything needed to continue it exactly."""
+
+    epoch: int
+    step: int  # the next batch of ``epoch``
+    global_step: int
+    loss_sum: float
+    history: list[EpochResult]
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    loader_generator: torch.Tensor | None  # the train loader's generator at the start of ``epoch``
+    rng: dict[str, Any]  # torch, numpy and random at the interruption
+
+
+class Diverged(HarnessError):
+    """The training loss became NaN or infinite."""
+
+
 def fit(
     model: nn.Module,
     train_loader: Sequence | torch.utils.data.DataLoader,
@@ -97,11 +125,14 @@ def fit(
     callbacks: Sequence[object] = (),
     log_metrics: MetricsSink | None = None,
     desc: str = "train",
+    resume: LoopState | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` for ``epochs`` epochs, evaluating on ``val_loader`` after each.
 
     ``log_metrics(metrics, step)`` receives ``train/loss`` at every optimizer step and
-    ``val/accuracy`` at each epoch end, both at the global optimizer step.
+    ``val/accuracy`` at each epoch end, both at the global optimizer step. SIGINT and SIGTERM
+    stop the loop between two steps with :class:`Interrupted`, which carries the state that
+    ``resume=`` continues from; a NaN or infinite loss raises :class:`Diverged`.
     """
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_lr_scheduler(optimizer, cfg, epochs * len(train_loader))
@@ -109,37 +140,104 @@ def fit(
     hooks = _CallbackList(callbacks)
     model.to(device).train()
     history: list[EpochResult] = []
-    global_step = 0
+    global_step, first_epoch, first_step, loss_carry = 0, 0, 0, 0.0
+    generator = getattr(train_loader, "generator", None)
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        history, global_step = list(resume.history), resume.global_step
+        first_epoch, first_step, loss_carry = resume.epoch, resume.step, resume.loss_sum
     # disable=None: a bar on a terminal, nothing in a non-interactive log (the epoch lines stay).
-    bar = tqdm(total=epochs * len(train_loader), desc=desc, unit="step", disable=None, leave=False)
+    bar = tqdm(total=epochs * len(train_loader), initial=global_step, desc=desc, unit="step", disable=None,
+               leave=False)
     hooks("on_train_begin")
-    for epoch in range(epochs):
-        hooks("on_epoch_begin", epoch)
-        loss_sum = torch.zeros((), device=device)
-        for step, (inputs, targets) in enumerate(train_loader):
-            hooks("on_batch_begin", step)
-            loss = loss_fn(model(inputs.to(device, non_blocking=True)), targets.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            hooks("on_before_optimizer_step")
-            optimizer.step()
-            scheduler.step()
-            hooks("on_batch_end")
-            global_step += 1
-            loss_sum += loss.detach()
+    with _stop_on_signals() as stop:
+        for epoch in range(first_epoch, epochs):
+            resuming = resume is not None and epoch == first_epoch
+            if resuming and generator is not None and resume.loader_generator is not None:
+                generator.set_state(resume.loader_generator)
+            epoch_generator = generator.get_state() if generator is not None else None
+            if not resuming:  # a resumed epoch already had its beginning
+                hooks("on_epoch_begin", epoch)
+            loss_sum = torch.full((), loss_carry if resuming else 0.0, device=device)
+            batches = iter(train_loader)
+            if resuming:
+                for _ in range(first_step):
+                    next(batches)  # the same data order as the interrupted run
+                _set_rng(resume.rng)
+            for step in range(first_step if resuming else 0, len(train_loader)):
+                if stop.signal_name:
+                    raise Interrupted(stop.signal_name, LoopState(
+                        epoch, step, global_step, float(loss_sum), list(history), _cpu(model.state_dict()),
+                        optimizer.state_dict(), scheduler.state_dict(), epoch_generator, _get_rng()))
+                inputs, targets = next(batches)
+                hooks("on_batch_begin", step)
+                loss = loss_fn(model(inputs.to(device, non_blocking=True)),
+                               targets.to(device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                hooks("on_before_optimizer_step")
+                optimizer.step()
+                scheduler.step()
+                hooks("on_batch_end")
+                global_step += 1
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"train/loss={loss_value} at epoch {epoch} step {step} (global step "
+                                   f"{global_step}): lower the learning rate ({lr}) or check the data")
+                loss_sum += loss.detach()
+                if log_metrics is not None:
+                    log_metrics({"train/loss": loss_value}, global_step)
+                bar.update()
+            hooks("on_epoch_end")
+            val_accuracy = evaluate(model, val_loader, device)
+            result = EpochResult(epoch, float(loss_sum) / max(1, len(train_loader)), val_accuracy, global_step)
+            history.append(result)
             if log_metrics is not None:
-                log_metrics({"train/loss": loss.item()}, global_step)
-            bar.update()
-        hooks("on_epoch_end")
-        val_accuracy = evaluate(model, val_loader, device)
-        result = EpochResult(epoch, float(loss_sum) / max(1, len(train_loader)), val_accuracy, global_step)
-        history.append(result)
-        if log_metrics is not None:
-            log_metrics({"val/accuracy": val_accuracy}, global_step)
-        bar.set_postfix(loss=f"{result.train_loss:.4f}", val=f"{val_accuracy:.4f}")
-        log.info("%s epoch %d/%d  loss %.4f  val accuracy %.4f", desc, epoch + 1, epochs,
-                 result.train_loss, val_accuracy)
-        hooks("on_validation", epoch, val_accuracy)  # e.g. a sweep trial reports, and may stop the run
+                log_metrics({"val/accuracy": val_accuracy}, global_step)
+            bar.set_postfix(loss=f"{result.train_loss:.4f}", val=f"{val_accuracy:.4f}")
+            log.info("%s epoch %d/%d  loss %.4f  val accuracy %.4f", desc, epoch + 1, epochs,
+                     result.train_loss, val_accuracy)
+            hooks("on_validation", epoch, val_accuracy)  # e.g. a sweep trial reports, and may stop the run
     hooks("on_train_end")
     bar.close()
     return history
+
+
+class _StopRequest:
+    signal_name: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """While training, SIGINT and SIGTERM only ask the loop to stop at the next step boundary,
+    so that what it saves is consistent."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def ask_to_stop(signum: int, _frame: Any) -> None:
+        request.signal_name = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _get_rng() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])

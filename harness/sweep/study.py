@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import ConfigError
-from harness.locking import file_lock
+from harness.locking import file_lock, process_alive
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "nsga2", "qmc")
@@ -101,7 +101,7 @@ def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker") or {}
-        if worker.get("host") == socket.gethostname() and not _alive(int(worker.get("pid", -1))):
+        if worker.get("host") == socket.gethostname() and not process_alive(int(worker.get("pid", -1))):
             with contextlib.suppress(Exception):  # another worker may have just done it
                 study.tell(trial.number, state=TrialState.FAIL)
                 failed.append(trial)
@@ -110,18 +110,6 @@ def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _digest(text: str) -> str:

@@ -94,8 +94,7 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
     workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id)
     try:
         with _closing(parent):
-            report = run_worker(settings, space, run_trial)
-            _close_dead_runs(report.stale, tracking, outputs_dir)
+            run_worker(settings, space, run_trial)  # (the parent run's tracker closed dead trials' runs)
             for process in workers:
                 process.wait()
             if parent is None:
@@ -171,17 +170,6 @@ def _start_workers(count: int, sweep_dir: Path, parent_id: str | None) -> list[s
         workers.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT))
         log.info("started worker %d (pid %d), log in %s", i + 1, workers[-1].pid, log_file.name)
     return workers
-
-
-def _close_dead_runs(trials: list[optuna.trial.FrozenTrial], tracking: TrackingConfig, outputs_dir: Path) -> None:
-    """Trials found dead at start were marked FAIL; their MLflow runs are ended as FAILED."""
-    ids = [t.user_attrs["mlflow_run_id"] for t in trials if t.user_attrs.get("mlflow_run_id")]
-    if not ids:
-        return
-    for run_id in ids:
-        tracker = make_tracker(tracking, outputs_dir, run_name="", resume_run_id=run_id)
-        tracker.set_tags({"error": "the process running this trial died (found at the next start of the sweep)"})
-        tracker.finish("FAILED")
 
 
 def _report(study: optuna.Study, space: Any, fixed_args: list[str], sweep_dir: Path, parent: Tracker,

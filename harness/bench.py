@@ -1,0 +1,825 @@
+"""Benchmarks of the pruning machinery: ratios measured side by side, in one process.
+
+    python -m harness.bench                      # everything (under 10 minutes on 2 cores)
+    python -m harness.bench --quick              # tiny sizes: a smoke run (under a minute)
+    python -m harness.bench --only a,c --markdown bench.md
+
+Every number is a ratio of two (or more) arms measured in the same process, interleaved
+(A, B, A, B, ... with the order rotated at each repeat, never all A then all B), and
+reported as the median over the repeats of the per-repeat ratio, so that a noisy, shared
+machine slows both arms of a repeat alike. Each item gets a time budget: it runs at least
+a few repeats and stops adding repeats when the next one would not fit.
+
+Items (each line of the table: the ratio, its target, pass/fail, and the peer measured
+beside it):
+
+a. training-step overhead of the engine (90%, a mask update every 100 steps) on an MLP and
+   on resnet18, and the same for ``torch.nn.utils.prune.global_unstructured``;
+b. a step that recomputes the masks (global magnitude, resnet18) against a normal step;
+c. global magnitude selection over resnet50's 25.5M conv/linear weights against one
+   concatenated abs + kthvalue pass, and against ``torch.nn.utils.prune``;
+d. the engine's ``apply_masks`` against an in-place ``copy_`` of the same tensors;
+e. a default run with MLflow tracking against the same run with ``tracking=none``;
+f. a 30-trial sweep through ``python -m harness --multirun`` against a plain Optuna loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Set before torch loads OpenMP: on a shared machine whose cores are busy with other work,
+# OpenMP's default spin-waiting makes a step 5-10x slower whenever one of torch's threads is
+# descheduled (its peers spin until it runs again), and timings swing by as much. Passive
+# waiting keeps them stable; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+SPARSITY = 0.9
+UPDATE_EVERY = 100  # optimizer steps between mask updates (item a)
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured ratio against its target (lower is better; passed means ratio <= target)."""
+
+    name: str
+    ratio: float
+    target: float
+    passed: bool
+    peer_text: str  # the peer measured beside it (or reference numbers)
+    details: str  # what was measured: arms, medians, repeats
+
+
+def result(name: str, ratio: float, target: float, peer_text: str, details: str) -> Result:
+    return Result(name, ratio, target, math.isfinite(ratio) and 0 < ratio <= target, peer_text, details)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and time budgets; ``quick`` shrinks everything to a smoke run."""
+
+    quick: bool = False
+    mlp_hidden: int = 2048
+    mlp_batch: int = 128
+    resnet_batch: int = 32
+    resnet_image: int = 64
+    global_model: str = "resnet50"  # item c
+    budget_a_mlp: float = 35.0  # seconds per item (repeats stop when the next would not fit)
+    budget_a_resnet: float = 75.0
+    budget_b: float = 45.0
+    budget_c: float = 60.0
+    budget_d: float = 8.0
+    budget_e: float = 75.0
+    budget_f: float = 240.0
+    min_repeats: int = 3
+    e_overrides: tuple[str, ...] = ()  # the default run
+    f_trials: int = 30
+    f_overrides: tuple[str, ...] = ("train.finetune_epochs=2", "prune.end_epoch=1")
+    f_pairs: int = 2
+
+    @classmethod
+    def quick_sizes(cls) -> Settings:
+        return cls(quick=True, mlp_hidden=256, mlp_batch=32, resnet_batch=4, resnet_image=32,
+                   global_model="mlp", budget_a_mlp=2.0, budget_a_resnet=3.0, budget_b=2.0, budget_c=2.0,
+                   budget_d=1.0, budget_e=1.0, budget_f=1.0, min_repeats=3,
+                   e_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
+                   f_trials=2, f_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
+                   f_pairs=1)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    threads: int
+    workdir: Path  # temporary; shared by e and f so that they reuse one cached dense baseline
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+
+def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_repeats: int = 3,
+               max_repeats: int = 1000) -> dict[str, list[float]]:
+    """Run every arm once per repeat, rotating the order at each repeat (A B C, B C A, ...).
+
+    Each arm does its own untimed set-up and returns the seconds of its timed part. The
+    garbage collector runs between repeats, never inside one. Repeats stop at ``max_repeats``
+    or, after ``min_repeats``, when the next repeat would end past ``budget_s``.
+    """
+    names = list(arms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(max_repeats):
+            elapsed = time.perf_counter() - started
+            if r >= min_repeats and elapsed * (r + 1) / r > budget_s:
+                break
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(arms[name]())
+            gc.collect()
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return times
+
+
+def timed(work: Callable[[], Any], setup: Callable[[], Any] | None = None, times: int = 1) -> Callable[[], float]:
+    """An arm: untimed ``setup``, then ``work`` ``times`` times; returns seconds per call of ``work``."""
+
+    def arm() -> float:
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        for _ in range(times):
+            work()
+        return (time.perf_counter() - start) / times
+
+    return arm
+
+
+def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over repeats of the per-repeat ratio ``num[r] / den[r]``."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def ms(values: Sequence[float]) -> str:
+    return f"{statistics.median(values) * 1e3:.1f} ms"
+
+
+# -- models and training steps ---------------------------------------------------------------
+
+
+def mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def torchvision_model(name: str, num_classes: int = 10) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+class Trainer:
+    """One model, one SGD optimizer (momentum 0.9), one fixed batch: ``step()`` is a training step."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.model = model.train()
+        self.inputs, self.targets = inputs, targets
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def step(self, before_step: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None) -> None:
+        loss = self.loss_fn(self.model(self.inputs), self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        self.optimizer.step()
+        if after_step is not None:
+            after_step()
+
+
+class EngineArm:
+    """The engine in a plain loop: its callbacks around each step, a mask update every ``every`` steps.
+
+    The schedule has reached its target (``initial = target = 90%``, linear), so every update
+    recomputes the masks at 90% from the current scores. ``rewind()`` (untimed) loads a
+    ``state_dict`` whose clock stands at step ``every``: the next step is a scheduled update.
+    """
+
+    def __init__(self, trainer: Trainer, scope: str = "per_tensor", every: int = UPDATE_EVERY) -> None:
+        from harness.pruning import Pruning
+
+        self.trainer = trainer
+        spec = {"initial_sparsity": SPARSITY, "target_sparsity": SPARSITY, "schedule": "linear",
+                "start_epoch": 0, "end_epoch": 1, "update_frequency_steps": every, "scope": scope}
+        self.pruning = Pruning(spec).attach(trainer.model, steps_per_epoch=10**7)
+        self.pruning.on_train_begin()
+        self.pruning.on_epoch_begin(0)  # the first update (step 0)
+        self.every = every
+        self.step()
+        state = self.pruning.state_dict()
+        self._at_update = {**state, "global_step": every, "epoch_start_step": 0}
+
+    def step(self) -> None:
+        self.pruning.on_batch_begin()
+        self.trainer.step(self.pruning.on_before_optimizer_step, self.pruning.on_batch_end)
+
+    def rewind(self) -> None:
+        self.pruning.load_state_dict(self._at_update)
+
+    def last_update_step(self) -> int:
+        return int(self.pruning.state_dict()["clocks"][0]["last_position"])
+
+    def sparsity(self) -> float:
+        from harness.pruning import overall_sparsity
+
+        return overall_sparsity(self.pruning.sparsity())
+
+
+def prunable_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, "weight") for every conv and linear weight: the engine's default selection."""
+    from harness.pruning import prunable_weights
+
+    return [(model.get_submodule(name.rpartition(".")[0]), "weight") for name in prunable_weights(model)]
+
+
+class TorchPruneArm:
+    """``torch.nn.utils.prune.global_unstructured`` (L1, forward pre-hooks): the peer.
+
+    ``update()`` recomputes the masks as its users do: ``prune.remove`` then
+    ``global_unstructured`` again at the same amount (the parameters stay the same objects,
+    so the optimizer keeps training them).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.params = prunable_modules(trainer.model)
+        self._prune()
+        self.step()
+
+    def _prune(self) -> None:
+        from torch.nn.utils import prune
+
+        prune.global_unstructured(self.params, pruning_method=prune.L1Unstructured, amount=SPARSITY)
+
+    def update(self) -> None:
+        from torch.nn.utils import prune
+
+        for module, name in self.params:
+            prune.remove(module, name)
+        self._prune()
+
+    def step(self) -> None:
+        self.trainer.step()
+
+    def update_step(self) -> None:
+        self.update()
+        self.trainer.step()
+
+    def sparsity(self) -> float:
+        masks = [getattr(m, f"{n}_mask") for m, n in self.params]
+        return sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+def trainers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, count: int) -> list[Trainer]:
+    """``count`` identical copies of ``model``, each with its own optimizer, on the same batch."""
+    return [Trainer(copy.deepcopy(model), inputs, targets) for _ in range(count)]
+
+
+# -- a. training-step overhead ------------------------------------------------------------------
+
+
+def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  budget_s: float, min_repeats: int, steps: int) -> list[Result]:
+    """Pruning on / off: the engine (and torch.nn.utils.prune) against dense steps.
+
+    The step time with an update every ``UPDATE_EVERY`` steps is the normal masked step plus
+    the extra time of a step with an update, divided by ``UPDATE_EVERY`` (both measured in
+    every repeat; the update step follows a rewind of the clock to a scheduled update).
+    """
+    dense_t, ours_t, peer_t = trainers(model, inputs, targets, 3)
+    ours, peer = EngineArm(ours_t), TorchPruneArm(peer_t)
+    for _ in range(2):  # warm-up
+        dense_t.step(), ours.step(), peer.step()
+    arms = {
+        "dense": timed(dense_t.step, times=steps),
+        "ours": timed(ours.step, times=steps),
+        "ours_update": timed(ours.step, setup=ours.rewind),
+        "peer": timed(peer.step, times=steps),
+        "peer_update": timed(peer.update_step),
+    }
+    t = interleave(arms, budget_s=budget_s, min_repeats=min_repeats)
+    updated_at = ours.last_update_step()
+
+    def amortized(normal: list[float], update: list[float]) -> list[float]:
+        return [n + (u - n) / UPDATE_EVERY for n, u in zip(normal, update, strict=True)]
+
+    ours_a, peer_a = amortized(t["ours"], t["ours_update"]), amortized(t["peer"], t["peer_update"])
+    ours_ratio, peer_ratio = median_ratio(ours_a, t["dense"]), median_ratio(peer_a, t["dense"])
+    vs_peer = median_ratio(ours_a, peer_a)
+    details = (f"median step: dense {ms(t['dense'])}, ours {ms(t['ours'])} (update step {ms(t['ours_update'])}), "
+               f"torch prune {ms(t['peer'])} (update step {ms(t['peer_update'])}); updates amortized over "
+               f"{UPDATE_EVERY} steps; {len(t['dense'])} interleaved repeats of {steps} step(s) per arm; "
+               f"counted sparsity ours {ours.sparsity():.2%}, torch prune {peer.sparsity():.2%}; "
+               f"timed update ran at step {updated_at}")
+    peer_text = f"torch prune {peer_ratio:.3f}x"
+    return [
+        result(f"a. step on/off, {label}", ours_ratio, 1.05, peer_text, details),
+        result(f"a. ours/peer, {label}", vs_peer, 0.97, f"ours {ours_ratio:.3f}x vs torch prune {peer_ratio:.3f}x",
+               "per repeat: (ours amortized step) / (torch prune amortized step)"),
+    ]
+
+
+def item_a(ctx: Context) -> list[Result]:
+    s = ctx.settings
+    torch.manual_seed(0)
+    label = f"MLP 784-{s.mlp_hidden}-{s.mlp_hidden}-10 b{s.mlp_batch}"
+    rows = step_overhead(label, mlp(s.mlp_hidden), torch.randn(s.mlp_batch, 784),
+                         torch.randint(0, 10, (s.mlp_batch,)), s.budget_a_mlp, s.min_repeats, steps=3)
+    label = f"resnet18 b{s.resnet_batch} {s.resnet_image}x{s.resnet_image}"
+    rows += step_overhead(label, torchvision_model("resnet18"),
+                          torch.randn(s.resnet_batch, 3, s.resnet_image, s.resnet_image),
+                          torch.randint(0, 10, (s.resnet_batch,)), s.budget_a_resnet, s.min_repeats, steps=1)
+    return rows
+
+
+# -- b. a step that recomputes the masks --------------------------------------------------------
+
+
+def item_b(ctx: Context) -> list[Result]:
+    s = ctx.settings
+    torch.manual_seed(0)
+    model = torchvision_model("resnet18")
+    inputs = torch.randn(s.resnet_batch, 3, s.resnet_image, s.resnet_image)
+    targets = torch.randint(0, 10, (s.resnet_batch,))
+    ours_t, peer_t = trainers(model, inputs, targets, 2)
+    ours, peer = EngineArm(ours_t, scope="global"), TorchPruneArm(peer_t)
+    ours.step(), peer.step()
+    arms = {
+        "ours_update": timed(ours.step, setup=ours.rewind),
+        "ours": timed(ours.step),
+        "peer_update": timed(peer.update_step),
+        "peer": timed(peer.step),
+    }
+    t = interleave(arms, budget_s=s.budget_b, min_repeats=s.min_repeats)
+    ratio = median_ratio(t["ours_update"], t["ours"])
+    peer_ratio = median_ratio(t["peer_update"], t["peer"])
+    details = (f"resnet18 b{s.resnet_batch} {s.resnet_image}x{s.resnet_image}, scope=global magnitude at 90%: "
+               f"update step {ms(t['ours_update'])} vs step {ms(t['ours'])}; torch prune (remove + "
+               f"global_unstructured + step) {ms(t['peer_update'])} vs {ms(t['peer'])}; "
+               f"{len(t['ours'])} interleaved repeats; counted sparsity {ours.sparsity():.2%}")
+    peer_text = (f"torch prune {peer_ratio:.2f}x measured; reference (not installable here): "
+                 "torch prune ~6x, Intel Neural Compressor 7x, LPOT 29x")
+    return [result("b. update step / step, resnet18", ratio, 2.0, peer_text, details)]
+
+
+# -- c. global magnitude selection -----------------------------------------------------------
+
+
+def engine_global_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                        sparsity: float) -> dict[str, torch.Tensor]:
+    """The engine's global selection, as ``Pruning`` does it for ``scope=global``: unit scores
+    (``|w|``), the current keep-masks, ``select_global``, and the masks expanded to the weights."""
+    from harness.pruning.criteria import magnitude
+    from harness.pruning.patterns import Unstructured, select_global
+
+    pattern = Unstructured()
+    scores = {n: pattern.unit_scores(magnitude(w)) for n, w in weights.items()}
+    sizes = {n: pattern.unit_sizes(w.shape) for n, w in weights.items()}
+    keep_now = {n: pattern.unit_keep(masks[n]) for n in weights}
+    keep = select_global(scores, sizes, keep_now, sparsity)
+    return {n: pattern.expand(keep[n], w.shape) for n, w in weights.items()}
+
+
+@torch.no_grad()
+def kthvalue_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """The baseline: one concatenated ``|w|`` (written straight into one buffer), one
+    ``kthvalue`` for the threshold, one comparison per tensor for its mask."""
+    from harness.pruning.patterns import pruned_count
+
+    counts = [w.numel() for w in weights.values()]
+    flat = torch.empty(sum(counts), dtype=torch.float32)
+    chunks = flat.split(counts)
+    for chunk, w in zip(chunks, weights.values()):
+        torch.abs(w.detach().reshape(-1), out=chunk)
+    threshold = flat.kthvalue(pruned_count(flat.numel(), sparsity)).values
+    return {n: chunk.gt(threshold).to(torch.float32).view(w.shape)
+            for (n, w), chunk in zip(weights.items(), chunks)}
+
+
+def item_c(ctx: Context) -> list[Result]:
+    from harness.pruning import Pruning, prunable_weights
+
+    s = ctx.settings
+    torch.manual_seed(0)
+    model = mlp(512) if s.global_model == "mlp" else torchvision_model(s.global_model, num_classes=1000)
+    label = "MLP 784-512-512-10" if s.global_model == "mlp" else s.global_model
+    weights = {n: p.detach() for n, p in prunable_weights(model).items()}
+    total = sum(w.numel() for w in weights.values())
+    ones = {n: torch.ones_like(w) for n, w in weights.items()}
+    pristine = {n: w.clone() for n, w in weights.items()}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def engine() -> None:
+        out["engine"] = engine_global_masks(weights, ones, SPARSITY)
+
+    def kth() -> None:
+        out["kth"] = kthvalue_masks(weights, SPARSITY)
+
+    fresh: dict[str, nn.Module] = {}
+
+    def peer() -> None:
+        from torch.nn.utils import prune
+
+        prune.global_unstructured(prunable_modules(fresh["model"]), pruning_method=prune.L1Unstructured,
+                                  amount=SPARSITY)
+
+    def peer_setup() -> None:
+        fresh.clear()
+        gc.collect()
+        fresh["model"] = copy.deepcopy(model)
+
+    engine_state: dict[str, Any] = {}
+
+    def pruning_setup() -> None:
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(pristine[n])
+        engine_state["pruning"] = Pruning({"scope": "global", "target_sparsity": SPARSITY,
+                                           "schedule": "one_shot"}).attach(model, steps_per_epoch=1)
+
+    def pruning_update() -> None:
+        engine_state["pruning"].on_epoch_begin(0)
+
+    arms = {"engine": timed(engine), "kth": timed(kth), "peer": timed(peer, setup=peer_setup),
+            "pruning": timed(pruning_update, setup=pruning_setup)}
+    t = interleave(arms, budget_s=s.budget_c, min_repeats=s.min_repeats if not s.quick else 2)
+    with torch.no_grad():
+        for n, w in weights.items():
+            w.copy_(pristine[n])
+    pruned = {k: sum(int((m == 0).sum()) for m in v.values()) for k, v in out.items()}
+    vs_kth = median_ratio(t["engine"], t["kth"])
+    vs_peer = median_ratio(t["engine"], t["peer"])
+    details = (f"{label}: {len(weights)} conv/linear weights, {total:,} values, 90% global magnitude; "
+               f"median: select_global path {ms(t['engine'])}, abs+kthvalue {ms(t['kth'])}, torch prune "
+               f"global_unstructured {ms(t['peer'])}, Pruning(scope=global) one update incl. applying the masks "
+               f"{ms(t['pruning'])}; pruned: engine {pruned['engine']:,}, kthvalue {pruned['kth']:,}; "
+               f"{len(t['engine'])} interleaved repeats")
+    return [
+        result(f"c. global select vs abs+kthvalue, {label}", vs_kth, 1.0,
+               f"abs+kthvalue {ms(t['kth'])}", details),
+        result(f"c. global select vs torch prune, {label}", vs_peer, 0.1,
+               f"torch prune global_unstructured {ms(t['peer'])}", "same measurement as the line above"),
+    ]
+
+
+# -- d. mask application ------------------------------------------------------------------------
+
+
+def item_d(ctx: Context) -> list[Result]:
+    from torch.nn.utils import prune
+
+    from harness.pruning import Pruning
+
+    s = ctx.settings
+    torch.manual_seed(0)
+    model = mlp(256) if s.quick else torchvision_model("resnet18")
+    label = "MLP 784-256-256-10" if s.quick else "resnet18"
+    pruning = Pruning({"target_sparsity": SPARSITY, "schedule": "one_shot"}).attach(model, steps_per_epoch=1)
+    pruning.on_epoch_begin(0)
+    params = list(pruning.params.values())
+    sources = [p.detach().clone() for p in params]  # the same values: copy_ leaves the weights as they are
+
+    @torch.no_grad()
+    def copy_all() -> None:
+        for p, src in zip(params, sources):
+            p.copy_(src)
+
+    peer_model = copy.deepcopy(model)
+    peer_params = prunable_modules(peer_model)
+    prune.global_unstructured(peer_params, pruning_method=prune.L1Unstructured, amount=SPARSITY)
+    hooks = [(m, h) for m, _ in peer_params for h in m._forward_pre_hooks.values()
+             if isinstance(h, prune.BasePruningMethod)]
+
+    @torch.no_grad()
+    def peer_apply() -> None:  # what torch prune's forward pre-hooks do before each forward
+        for module, hook in hooks:
+            hook(module, None)
+
+    repeat = 5
+    arms = {"apply": timed(pruning.apply_masks, times=repeat), "copy": timed(copy_all, times=repeat),
+            "peer": timed(peer_apply, times=repeat)}
+    t = interleave(arms, budget_s=s.budget_d, min_repeats=10, max_repeats=200)
+    ratio = median_ratio(t["apply"], t["copy"])
+    peer_ratio = median_ratio(t["peer"], t["copy"])
+    numel = sum(p.numel() for p in params)
+    details = (f"{label}: {len(params)} tensors, {numel:,} values; median apply_masks {ms(t['apply'])}, "
+               f"copy_ {ms(t['copy'])}, torch prune pre-hooks (w = orig * mask) {ms(t['peer'])}; "
+               f"{len(t['apply'])} interleaved repeats of {repeat} calls")
+    return [result(f"d. apply_masks / copy_, {label}", ratio, 2.0, f"torch prune hooks {peer_ratio:.2f}x copy_",
+                   details)]
+
+
+# -- e. tracking overhead -----------------------------------------------------------------------
+
+
+def compose(overrides: Sequence[str]) -> Any:
+    """The typed config for ``overrides``, composed as the command line does (tests/conftest.py)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.__main__ import CONF_DIR
+    from harness.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Swallow what a run prints (its summary; tqdm sees no terminal and stays off)."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+@contextlib.contextmanager
+def default_tracking_env() -> Iterator[None]:
+    """Runs use the default store (``outputs_dir/mlflow.db``), whatever MLFLOW_TRACKING_URI says."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def item_e(ctx: Context) -> list[Result]:
+    from harness import runner
+
+    s = ctx.settings
+    outputs = ctx.workdir / "outputs"
+    common = [*s.e_overrides, f"outputs_dir={outputs}"]
+    tracked, untracked = compose(common), compose([*common, "tracking=none"])
+    runs = ctx.workdir / "e-runs"
+    counter = iter(range(10**6))
+
+    def run(cfg: Any) -> Callable[[], None]:
+        def go() -> None:
+            with quiet():
+                runner.run(cfg, runs / str(next(counter)))
+
+        return go
+
+    with default_tracking_env():
+        # Untimed warm-up: trains and caches the dense baseline, creates the SQLite store's schema,
+        # imports MLflow and matplotlib; every timed run then reuses the same cached baseline.
+        warm = time.perf_counter()
+        run(tracked)()
+        warm = time.perf_counter() - warm
+        t = interleave({"mlflow": timed(run(tracked)), "none": timed(run(untracked))},
+                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=4)
+    ratio = median_ratio(t["mlflow"], t["none"])
+    what = "the default config" + (f" with {' '.join(s.e_overrides)}" if s.e_overrides else "")
+    details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir; "
+               f"median run {statistics.median(t['mlflow']):.2f} s with MLflow, "
+               f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved pairs "
+               f"(untimed warm-up run {warm:.1f} s)")
+    return [result("e. run with MLflow / tracking=none", ratio, 1.05, "-", details)]
+
+
+# -- f. sweep overhead --------------------------------------------------------------------------
+
+# Both arms run in a fresh subprocess each, timed from start to exit: the sweep *is* a process
+# (`python -m harness --multirun`: Hydra composes the sweep, the sweeper opens the study and a
+# parent MLflow run, launches each trial as a Hydra job in that process and writes its report
+# and plots at the end), so the plain Optuna loop gets the same process start (interpreter,
+# torch, Optuna, Hydra, MLflow imports) and the same stores: one SQLite Optuna storage and the
+# default SQLite MLflow store under one outputs_dir, schemas created and the dense baseline
+# cached before any timed arm. Both ask the same sampler (TPE, seed 0, multivariate) for the same
+# two parameters and run the same reduced config through harness.runner.run. The sweep keeps
+# its default median pruner; with 2 fine-tuning epochs and its 2 warm-up steps it never stops
+# a trial, so both arms train every trial to the end.
+
+SWEEP_SPACE = {"prune.target_sparsity": (0.5, 0.95), "prune.schedule": ["linear", "cubic"]}
+
+
+def plain_optuna_loop(spec: dict[str, Any]) -> None:
+    """The plain loop of item f (run in its own process): ``study.optimize`` calling ``runner.run``."""
+    import optuna
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness import runner
+    from harness.__main__ import CONF_DIR
+    from harness.config import register_configs, to_config
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    register_configs()
+    low, high = SWEEP_SPACE["prune.target_sparsity"]
+    run_dir = Path(spec["run_dir"])
+
+    def objective(trial: optuna.Trial) -> float:
+        sparsity = trial.suggest_float("prune.target_sparsity", low, high)
+        schedule = trial.suggest_categorical("prune.schedule", SWEEP_SPACE["prune.schedule"])
+        overrides = [*spec["fixed"], f"prune.target_sparsity={sparsity!r}", f"prune.schedule={schedule}"]
+        cfg = to_config(hydra_compose(config_name="config", overrides=overrides))
+        return runner.run(cfg, run_dir / str(trial.number)).metrics["final/sparsity"]
+
+    study = optuna.create_study(study_name=spec["study"], storage=spec["storage"], direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0, multivariate=True))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        study.optimize(objective, n_trials=spec["trials"])
+
+
+def item_f(ctx: Context) -> list[Result]:
+    import optuna
+
+    from harness import runner
+
+    s = ctx.settings
+    outputs = ctx.workdir / "outputs"
+    fixed = [*s.f_overrides, f"outputs_dir={outputs}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    env |= {"OMP_NUM_THREADS": str(ctx.threads), "MKL_NUM_THREADS": str(ctx.threads)}
+    logs = ctx.workdir / "f-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{outputs / 'optuna.db'}"
+    low, high = SWEEP_SPACE["prune.target_sparsity"]
+    choices = ", ".join(SWEEP_SPACE["prune.schedule"])
+    repeat = iter(range(10**6))
+    failures: list[str] = []
+
+    with default_tracking_env():
+        warm = time.perf_counter()
+        with quiet():
+            runner.run(compose(fixed), ctx.workdir / "f-warmup")  # baseline cached, MLflow schema created
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.create_study(study_name="bench-warmup", storage=storage)  # Optuna schema created
+        warm = time.perf_counter() - warm
+
+    def launch(kind: str, command: list[str]) -> float:
+        log = logs / f"{kind}-{len(list(logs.iterdir()))}.log"
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        elapsed = time.perf_counter() - start
+        if code != 0:
+            failures.append(f"{kind} exited {code}: {log.read_text()[-1500:]}")
+        return elapsed
+
+    def sweep() -> float:
+        r = next(repeat)
+        return launch("sweep", [
+            sys.executable, "-m", "harness", "--multirun", "hydra/sweeper=harness_optuna",
+            f"hydra.sweeper.n_trials={s.f_trials}", f"hydra.sweeper.study_name=bench-sweep-{r}",
+            f"prune.target_sparsity=interval({low}, {high})", f"prune.schedule=choice({choices})",
+            *fixed, f"hydra.sweep.dir={ctx.workdir / f'sweep-{r}'}"])
+
+    def plain() -> float:
+        r = next(repeat)
+        spec = {"trials": s.f_trials, "study": f"bench-plain-{r}", "storage": storage, "fixed": fixed,
+                "run_dir": str(ctx.workdir / f"plain-{r}")}
+        return launch("plain", [sys.executable, "-m", "harness.bench", "--plain-optuna-loop", json.dumps(spec)])
+
+    t = interleave({"sweep": sweep, "plain": plain}, budget_s=s.budget_f, min_repeats=1, max_repeats=s.f_pairs)
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    ratio = median_ratio(t["sweep"], t["plain"])
+    per_trial = (statistics.median(t["sweep"]) - statistics.median(t["plain"])) / s.f_trials
+    details = (f"{s.f_trials} trials, reduced config ({' '.join(s.f_overrides)}), search space "
+               f"target_sparsity interval({low}, {high}) x schedule choice({choices}), TPE seed 0; "
+               f"median {statistics.median(t['sweep']):.1f} s `python -m harness --multirun "
+               f"hydra/sweeper=harness_optuna` vs {statistics.median(t['plain']):.1f} s plain study.optimize + "
+               f"runner.run, each a fresh process (start included); {per_trial * 1e3:+.0f} ms per trial; "
+               f"{len(t['sweep'])} interleaved pair(s); untimed warm-up {warm:.1f} s")
+    return [result("f. sweep / plain Optuna loop", ratio, 1.25, "-", details)]
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+ITEMS: dict[str, tuple[str, Callable[[Context], list[Result]]]] = {
+    "a": ("training-step overhead (MLP, resnet18)", item_a),
+    "b": ("mask-update step (resnet18, global)", item_b),
+    "c": ("global magnitude selection", item_c),
+    "d": ("mask application", item_d),
+    "e": ("tracking overhead", item_e),
+    "f": ("sweep overhead", item_f),
+}
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def header(settings: Settings) -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return "\n".join([
+        f"harness.bench{' --quick' if settings.quick else ''}  {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable), load average {load}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"({torch.get_num_interop_threads()} inter-op), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"python {platform.python_version()}",
+        "ratios: median over interleaved repeats of the per-repeat ratio; lower is better, pass = ratio <= target",
+    ])
+
+
+def format_table(results: Sequence[Result]) -> str:
+    rows = [("item", "ratio", "target", "result", "peer measured beside it")]
+    rows += [(r.name, f"{r.ratio:.3f}", f"<= {r.target:g}", "pass" if r.passed else "FAIL", r.peer_text)
+             for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]),
+                        row[3].ljust(widths[3]), row[4]]).rstrip() for row in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    notes = [f"  {r.name}: {r.details}" for r in results if r.details]
+    passed = sum(r.passed for r in results)
+    return "\n".join([*lines, "", f"{passed} of {len(results)} targets met", "", "details:", *notes])
+
+
+def format_markdown(results: Sequence[Result], head: str) -> str:
+    lines = ["```", head, "```", "", "| item | ratio | target | result | peer measured beside it |",
+             "|---|---:|---|---|---|"]
+    lines += [f"| {r.name} | {r.ratio:.3f} | <= {r.target:g} | {'pass' if r.passed else '**FAIL**'} | "
+              f"{r.peer_text} |" for r in results]
+    lines += ["", *[f"- **{r.name}**: {r.details}" for r in results if r.details]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and budgets: a smoke run under a minute")
+    parser.add_argument("--only", default=",".join(ITEMS), help="items to run, e.g. a,c,d (default: all)")
+    parser.add_argument("--markdown", type=Path, help="also write the results table as markdown to this path")
+    parser.add_argument("--threads", type=int, default=usable_cores(), help="torch threads (default: usable cores)")
+    parser.add_argument("--plain-optuna-loop", help=argparse.SUPPRESS)  # item f's plain arm, in its own process
+    args = parser.parse_args(argv)
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in args.only if x not in ITEMS]
+    if unknown or not args.only:
+        parser.error(f"--only {','.join(unknown) or '(empty)'}: choose from {','.join(ITEMS)}")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+    """Run the selected items, print the header and the table; returns the results."""
+    args = parse_args(argv)
+    if args.plain_optuna_loop:
+        plain_optuna_loop(json.loads(args.plain_optuna_loop))
+        return []
+    settings = Settings.quick_sizes() if args.quick else Settings()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    head = header(settings)
+    print(head, flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="harness-bench-"))
+    ctx = Context(settings, args.threads, workdir)
+    results: list[Result] = []
+    started = time.perf_counter()
+    try:
+        for letter in args.only:
+            title, fn = ITEMS[letter]
+            print(f"[{time.perf_counter() - started:6.1f} s] {letter}. {title} ...", file=sys.stderr, flush=True)
+            try:
+                results += fn(ctx)
+            except Exception as err:  # one broken item must not lose the others' numbers
+                traceback.print_exc()
+                results.append(Result(f"{letter}. {title}", math.nan, math.nan, False, "-",
+                                      f"error: {type(err).__name__}: {str(err)[:2000]}"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        torch.set_num_threads(threads_before)
+    print(f"[{time.perf_counter() - started:6.1f} s] done", file=sys.stderr, flush=True)
+    print()
+    print(format_table(results), flush=True)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_markdown(results, head))
+    return results
+
+
+if __name__ == "__main__":
+    main()
