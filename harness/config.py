@@ -228,7 +228,16 @@ def apply_lpot_file(cfg: DictConfig, command_line: list[str]) -> DictConfig:
 
     from harness.lpot_config import migrate_lpot
 
-    migration = migrate_lpot(cfg.lpot)
+    if not Path(cfg.lpot).is_file():
+        raise ConfigError(f"lpot={cfg.lpot}: no such file")
+    try:
+        migration = migrate_lpot(cfg.lpot)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"lpot={cfg.lpot}: {str(err).splitlines()[0]}") from None
+    # Fields LPOT never had (typos) and foreign tags are mistakes, not migration notes.
+    mistakes = [line for line in migration.unmapped if "unknown LPOT field" in line or "YAML tag" in line]
+    if mistakes:
+        raise ConfigError(f"lpot={cfg.lpot}: {mistakes[0].removesuffix('; not used')}")
     merged = OmegaConf.merge(cfg, migration.values)
     for override in OverridesParser.create().parse_overrides(command_line):
         key = override.key_or_group

@@ -4,8 +4,12 @@ The entry point prints these as one line and exits with status 2, no traceback.
 Anything else is a bug and keeps its traceback.
 """
 
+import errno
 import re
 from typing import Any
+
+# Path problems of the user's environment (a read-only or missing folder), not bugs.
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EISDIR}
 
 
 class HarnessError(Exception):
@@ -41,6 +45,8 @@ def user_error_message(err: BaseException) -> str | None:
 
     if isinstance(err, HarnessError):
         return _first_line(str(err))
+    if isinstance(err, OSError) and err.filename and err.errno in _PATH_ERRNOS:
+        return f"cannot write or read {err.filename}: {err.strerror} (check outputs_dir and the paths given)"
     if isinstance(err, MissingConfigException):
         if err.missing_cfg_file and err.options is not None:
             group, _, option = err.missing_cfg_file.rpartition("/")

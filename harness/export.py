@@ -40,6 +40,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -258,12 +259,11 @@ class SparseLinear(nn.Module):
         """The sparse twin of ``linear`` (its weight's exact zeros are not stored)."""
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        if kind == "bsr":
-            if blocksize is None:
-                raise ValueError("kind='bsr' needs a blocksize")
-            sparse = weight.to_sparse_bsr((blocksize, blocksize))
-        else:
-            sparse = weight.to_sparse_csr()
+        if kind == "bsr" and blocksize is None:
+            raise ValueError("kind='bsr' needs a blocksize")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+            sparse = weight.to_sparse_bsr((blocksize, blocksize)) if kind == "bsr" else weight.to_sparse_csr()
         crow = sparse.crow_indices().to(torch.int32)
         col = sparse.col_indices().to(torch.int32)
         return cls(linear.in_features, linear.out_features, kind, crow, col, sparse.values().clone(), bias,
@@ -282,8 +282,9 @@ class SparseLinear(nn.Module):
     def _sparse_weight(self) -> Tensor:
         size = (self.out_features, self.in_features)
         if self.kind == "bsr":
-            return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values, size)
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, size)
+            return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values, size,
+                                           check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, size, check_invariants=False)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -796,11 +797,45 @@ class CompressionReport:
         return self.compressed_bytes / self.dense_bytes if self.dense_bytes else 1.0
 
 
+_SIGNED_ZERO_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _packbits(bits: Tensor) -> Tensor:
+    return torch.from_numpy(np.packbits(bits.numpy()))
+
+
+def _unpackbits(packed: Tensor, count: int) -> Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
+
+
+def _bitmask_entry(t: Tensor) -> tuple[dict[str, Any], int]:
+    """``t`` as a bitmask of its non-zeros plus their values, and the bytes that takes.
+
+    Floats: "non-zero" is ``!= 0`` (NaN included), and when some zeros are -0.0 (a negative
+    weight times a 0 mask gives -0.0) a second bitmask over the zeros keeps their signs.
+    Other dtypes: a non-zero bit pattern.
+    """
+    flat = t.contiguous().reshape(-1)
+    entry: dict[str, Any] = {"shape": list(t.shape)}
+    if t.dtype in _SIGNED_ZERO_DTYPES:
+        nonzero = flat.ne(0)
+        negative = torch.signbit(flat[~nonzero])
+        if bool(negative.any()):
+            entry["negzero"] = _packbits(negative)
+    else:
+        nonzero = flat.view(torch.uint8).reshape(-1, t.element_size()).ne(0).any(1)
+    entry["mask"] = _packbits(nonzero)
+    entry["values"] = flat[nonzero].clone()
+    size = entry["mask"].numel() + entry["values"].numel() * t.element_size()
+    return entry, size + (entry["negzero"].numel() if "negzero" in entry else 0)
+
+
 def save_compressed(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | Path) -> CompressionReport:
     """Write a state_dict that stores each tensor dense or as (bitmask, non-zero values), whichever is smaller.
 
-    "Non-zero" means a non-zero bit pattern, so -0.0 and NaN are stored as values and
-    :func:`load_compressed` gives back bit-identical tensors with their dtypes. Tensors are
+    :func:`load_compressed` gives back bit-identical tensors with their dtypes: NaN is a
+    stored value, and the signs of -0.0 zeros (which masking negative weights produces) are
+    kept in a second bitmask when there are any. Tensors are
     saved from the CPU. The file is ``torch.save`` of plain dicts, lists, strings and tensors
     (``torch.load(path, weights_only=True)`` reads it).
     """
@@ -815,13 +850,9 @@ def save_compressed(model_or_state_dict: nn.Module | Mapping[str, Tensor], path:
         dense_bytes = t.numel() * t.element_size()
         dense_total += dense_bytes
         if t.layout == torch.strided and not t.is_quantized and t.numel() > 0:
-            flat = t.contiguous().reshape(-1)
-            nonzero = flat.view(torch.uint8).reshape(-1, t.element_size()).ne(0).any(1)
-            nnz = int(nonzero.sum())
-            packed_bytes = (t.numel() + 7) // 8 + nnz * t.element_size()
+            entry, packed_bytes = _bitmask_entry(t)
             if packed_bytes < dense_bytes:
-                mask = torch.from_numpy(np.packbits(nonzero.numpy()))
-                entries[name] = {"shape": list(t.shape), "mask": mask, "values": flat[nonzero].clone()}
+                entries[name] = entry
                 kinds[name] = "bitmask"
                 stored_total += packed_bytes
                 continue
@@ -847,9 +878,12 @@ def load_compressed(path: str | Path) -> OrderedDict[str, Tensor]:
             continue
         shape, values = entry["shape"], entry["values"]
         numel = math.prod(shape)
-        nonzero = torch.from_numpy(np.unpackbits(entry["mask"].numpy(), count=numel).astype(bool))
+        nonzero = _unpackbits(entry["mask"], numel)
         flat = torch.zeros(numel, dtype=values.dtype)
         flat[nonzero] = values
+        if "negzero" in entry:
+            negative = _unpackbits(entry["negzero"], numel - values.numel())
+            flat[~nonzero] = torch.where(negative, -0.0, 0.0).to(values.dtype)
         state[name] = flat.reshape(shape)
     return state
 

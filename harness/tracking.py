@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import TrackingBackend, TrackingConfig
+from harness.errors import ConfigError
 from harness.locking import file_lock, process_alive
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,28 @@ def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
         return Tracker()
     _quiet_mlflow_logs()
     uri = tracking_uri(cfg, outputs_dir)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, "tracking.uri" if cfg.uri else "MLFLOW_TRACKING_URI")
     artifact_location = None
     if uri.startswith("sqlite:///") and not (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         outputs_dir.mkdir(parents=True, exist_ok=True)
         artifact_location = (outputs_dir / "mlartifacts").resolve().as_uri()  # artifacts under outputs/ too
     return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags, resume_run_id)
+
+
+def _check_server(uri: str, key: str) -> None:
+    """Fail in seconds, before any training, when no tracking server answers (MLflow's own client
+    retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"{key}={uri}: no MLflow tracking server answers ({reason}); start one with "
+                          "`mlflow server`, or leave tracking.uri unset for the local store") from None
 
 
 def tracking_uri(cfg: TrackingConfig, outputs_dir: Path) -> str:

@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .conftest import REPO, run_cli
+from .conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.ui]
 
@@ -170,41 +171,84 @@ class MlflowUI:
 
 @pytest.fixture(scope="module")
 def mlflow_ui(browser: WebDriver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowUI]:
-    """A real store (one run, one 2-trial sweep) served by ``mlflow server``; stopped at the end, always.
+    """A real store (one run, one 2-trial sweep) served by ``mlflow server``; everything stopped at the end, always.
 
+    The run and the sweep go at once (the harness takes turns on the store and the dense baseline with file
+    locks); the server starts as soon as the store and its experiment exist, and only reads it.
     Takes ``browser`` first so that a machine without Chromium skips before any training runs.
     """
     outputs = tmp_path_factory.mktemp("mlflow-ui-store")
-    t0 = time.monotonic()
-    single = run_cli(FAST, outputs)
-    assert single.returncode == 0, single.stderr[-3000:]
-    t_run = time.monotonic() - t0
-    # The store exists now: the server starts while the sweep runs (the sweep only adds runs to it).
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
-    sweep_log = outputs / "sweep.log"
-    with open(sweep_log, "w") as log:
-        sweep = subprocess.Popen([sys.executable, "-m", "harness", "--multirun", *SWEEP, f"outputs_dir={outputs}",
-                                  f"hydra.sweep.dir={outputs}/sweep"], cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    jobs = {
+        "run": Harness.start([*FAST, f"hydra.run.dir={outputs}/run"], outputs, env, "run"),
+        "sweep": Harness.start(["--multirun", *SWEEP, f"hydra.sweep.dir={outputs}/sweep"], outputs, env, "sweep"),
+    }
     server = None
     try:
+        deadline = time.monotonic() + 300
+        while not _has_experiment(outputs / "mlflow.db", "pruning"):
+            for job in jobs.values():
+                assert job.process.poll() in (None, 0), job.failure()
+            assert time.monotonic() < deadline, "no MLflow experiment 'pruning' after 300 s"
+            time.sleep(0.5)
         server = MlflowServer.start(outputs, env)
-        t_server = time.monotonic() - t0 - t_run
-        try:
-            returncode = sweep.wait(timeout=400)
-        except subprocess.TimeoutExpired:
-            sweep.kill()
-            raise
-        assert returncode == 0, sweep_log.read_text()[-3000:]
-        print(f"\n[mlflow-ui] run {t_run:.0f} s, server up {t_server:.0f} s later, sweep done at "
-              f"{time.monotonic() - t0:.0f} s; {server.url}")
+        t_server = time.monotonic() - t0
+        for job in jobs.values():
+            job.wait(timeout=max(10.0, deadline + 200 - time.monotonic()))
+        print(f"\n[mlflow-ui] server up at {t_server:.0f} s, run and sweep done at {time.monotonic() - t0:.0f} s; "
+              f"{server.url}")
         yield server.describe()
     finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
+        for job in jobs.values():
+            job.stop()
         if server is not None:
             server.stop()
+
+
+@dataclass
+class Harness:
+    """``python -m harness ARGS outputs_dir=...`` in the background, its output in a log file."""
+
+    process: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], outputs: Path, env: dict[str, str], name: str) -> Harness:
+        log = outputs / f"{name}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "harness", *args, f"outputs_dir={outputs}"], cwd=REPO,
+                                       env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        return cls(process, log)
+
+    def failure(self) -> str:
+        return f"{' '.join(map(str, self.process.args))} exited with {self.process.returncode}:\n" + \
+            self.log.read_text(errors="replace")[-3000:]
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(map(str, self.process.args))} still running after {timeout:.0f} s")
+        assert self.process.returncode == 0, self.failure()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _has_experiment(db: Path, name: str) -> bool:
+    """Whether the SQLite store exists with its tables and the experiment (read only, never waiting on a lock)."""
+    if not db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1)) as conn:
+            return conn.execute("SELECT count(*) FROM experiments WHERE name = ?", (name,)).fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
 
 
 @dataclass
@@ -364,11 +408,15 @@ def test_compare_view_shows_the_differing_params_and_plots_overall_sparsity(brow
         assert "prune.target_sparsity" in differing
 
         # Metrics: sparsity/overall is listed with a plot link, and the plot draws both runs.
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'});",
+                               browser.find_element(By.XPATH, PARAMS_DIFF_SWITCH))
         plot_link = wait_for(browser, lambda d: d.find_elements(
             By.XPATH, "//a[@title='Plot chart'][normalize-space(.)='sparsity/overall']"), "sparsity/overall in Metrics")
-        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", plot_link)
+        wait_for(browser, lambda d: "baseline/accuracy" in page_text(d), "the Metrics table drawn")
         shot(browser, tmp_path / "compare.png")
-        plot_link.click()
+        # A script click: the names and the values of this table are two virtualized grids, and the scrolling that
+        # a WebDriver click does to reach the link moves only one of them.
+        browser.execute_script("arguments[0].click();", plot_link)
         wait_for(browser, lambda d: "/metric" in d.current_url, "the metric plot page")
         wait_for(browser, lambda d: len(drawn_lines(d)) >= 2, "two lines drawn in the plot")
         for run in (a, b):
@@ -384,8 +432,9 @@ def test_compare_view_shows_the_differing_params_and_plots_overall_sparsity(brow
 
 
 def open_fresh(driver: WebDriver, url: str) -> None:
-    """Load the app with cleared UI state, and the assistant panel (it opens itself on first load) kept shut."""
-    driver.get(f"{url}/")
+    """Clear the UI's saved state for the server's origin, and keep the assistant panel (it opens itself on the
+    first load) shut. The origin's tiny /health page is enough for its localStorage."""
+    driver.get(f"{url}/health")
     driver.execute_script(
         "localStorage.clear();"
         "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"

@@ -174,7 +174,7 @@ def test_a_losing_trial_is_pruned_and_its_run_says_so(tmp_path):
 def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path):
     settings = SweepSettings(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=5,
                              objectives=["final/sparsity"], directions=["maximize"], goal_constraint=True,
-                             pruner="none", max_failures=2)
+                             pruner="none", max_failure_rate=0.2)
     space = parse_search_space({"prune.target_sparsity": "interval(0.1, 0.9)"})
     calls = []
 
@@ -192,10 +192,12 @@ def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path)
     assert [t.state for t in study.trials].count(TrialState.PRUNED) == 1
     assert study.best_trial.params["prune.target_sparsity"] <= 0.6  # infeasible trials never win
     assert all(o[0].startswith("prune.target_sparsity=") for o in calls)
-    # Failures stop a worker after max_failures.
+    # The sweep goes on through failures until more than max_failure_rate of n_trials have failed.
     settings2 = SweepSettings(**{**settings.__dict__, "study_name": "f", "n_trials": 10})
     failing = run_worker(settings2, space, lambda trial, overrides: Outcome(error="RuntimeError: boom"))
-    assert len(failing.failed) == 2
+    assert len(failing.failed) == 3  # 3 > 0.2 * 10
+    failed = optuna.load_study(study_name="f", storage=settings.storage).trials
+    assert all(t.user_attrs["error"] == "RuntimeError: boom" for t in failed)
 
 
 @pytest.mark.slow

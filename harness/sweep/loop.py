@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from harness.errors import Interrupted
 from harness.sweep.space import SearchSpace
 from harness.sweep.study import (
     FINISHED,
@@ -47,7 +48,7 @@ class SweepSettings:
     pruner: str = "median"
     pruner_startup_trials: int = 5
     pruner_warmup_steps: int = 2
-    max_failures: int = 5  # a worker stops after this many failed trials (crashes, not pruned trials)
+    max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (not pruned)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Outcome:
     metrics: dict[str, float] | None = None
     pruned: bool = False
     error: str | None = None
+    stop: BaseException | None = None  # an interruption (SIGINT, SIGTERM) to pass on after telling FAIL
 
 
 @dataclass
@@ -88,10 +90,13 @@ def run_worker(
     """Ask, run and tell until the study has ``n_trials`` finished (or running) trials."""
     study = open_study(settings)
     report = WorkerReport(stale=fail_dead_trials(study))
+    # Trials that died with an earlier process were replaced, not failed by this sweep's runs.
+    dead_at_start = count(study, (TrialState.FAIL,))
     while True:
-        if len(report.failed) >= settings.max_failures:
-            log.warning("stopping: %d trials failed (hydra.sweeper.max_failures=%d)",
-                        len(report.failed), settings.max_failures)
+        failed = count(study, (TrialState.FAIL,)) - dead_at_start
+        if failed > settings.max_failure_rate * settings.n_trials:
+            log.warning("stopping: %d of %d trials failed (hydra.sweeper.max_failure_rate=%g)",
+                        failed, settings.n_trials, settings.max_failure_rate)
             break
         with study_lock(settings.storage, settings.study_name):
             busy = count(study, (*FINISHED, TrialState.RUNNING))
@@ -104,11 +109,17 @@ def run_worker(
             time.sleep(2.0)  # others are running the last trials; one may fail and need replacing
             continue
         values = space.suggest(trial)
-        outcome = run_trial(trial, space.to_overrides(values))
+        try:
+            outcome = run_trial(trial, space.to_overrides(values))
+        except BaseException as err:  # Ctrl-C or SIGTERM outside the training loop: never leave it RUNNING
+            study.tell(trial, state=TrialState.FAIL)
+            raise err
         report.ran.append(trial.number)
         _tell(study, trial, outcome, settings)
         if outcome.error is not None:
             report.failed.append(trial.number)
+        if outcome.stop is not None:
+            raise outcome.stop  # the run was interrupted: the sweep stops too (its command resumes it)
     return report
 
 
@@ -141,6 +152,8 @@ def describe_outcome(value: Any) -> Outcome:
     """Turn what a Hydra job returned (or raised) into an :class:`Outcome`."""
     if isinstance(value, optuna.TrialPruned):
         return Outcome(pruned=True)
+    if isinstance(value, Interrupted | KeyboardInterrupt):
+        return Outcome(error=f"{type(value).__name__}: {value}", stop=value)
     if isinstance(value, BaseException):
         return Outcome(error=f"{type(value).__name__}: {value}")
     if isinstance(value, dict):

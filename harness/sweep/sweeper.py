@@ -45,7 +45,7 @@ class SweeperOptions:
     goal_constraint: bool
     sampler: dict[str, Any]
     pruner: dict[str, Any]
-    max_failures: int
+    max_failure_rate: float
     params: dict[str, Any]
     worker: bool
     parent_run_id: str | None
@@ -68,7 +68,7 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
         pruner=options.pruner.get("name", "median"),
         pruner_startup_trials=int(options.pruner.get("n_startup_trials", 5)),
         pruner_warmup_steps=int(options.pruner.get("n_warmup_steps", 2)),
-        max_failures=options.max_failures,
+        max_failure_rate=options.max_failure_rate,
     )
     _check_settings(settings)
     sweep_dir = Path(config.hydra.sweep.dir)

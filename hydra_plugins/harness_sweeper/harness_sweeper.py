@@ -42,7 +42,7 @@ class HarnessSweeperConf:
     goal_constraint: bool = True  # a trial that misses the accuracy goal (on val) is infeasible
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    max_failures: int = 5  # a worker stops after this many failed (crashed) trials
+    max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (crashed)
     params: dict[str, Any] = field(default_factory=dict)
     worker: bool = False  # set on the helper processes started for n_jobs > 1
     parent_run_id: str | None = None  # set on those helpers: the sweep's MLflow run
