@@ -124,13 +124,15 @@ class Context:
 
 
 def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_repeats: int = 3,
-               max_repeats: int = 1000) -> dict[str, list[float]]:
+               max_repeats: int = 1000, every: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Run every arm once per repeat, rotating the order at each repeat (A B C, B C A, ...).
 
-    Each arm does its own untimed set-up and returns the seconds of its timed part. The
-    garbage collector runs between repeats, never inside one. Repeats stop at ``max_repeats``
-    or, after ``min_repeats``, when the next repeat would end past ``budget_s``.
+    Each arm does its own untimed set-up and returns the seconds of its timed part. An arm
+    named in ``every`` runs only in every n-th repeat (from the first). The garbage collector
+    runs between repeats, never inside one. Repeats stop at ``max_repeats`` or, after
+    ``min_repeats``, when the next repeat would end past ``budget_s``.
     """
+    every = every or {}
     names = list(arms)
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
@@ -143,7 +145,8 @@ def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_rep
                 break
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
-                times[name].append(arms[name]())
+                if r % every.get(name, 1) == 0:
+                    times[name].append(arms[name]())
             gc.collect()
     finally:
         if gc_enabled:
@@ -313,8 +316,10 @@ def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: t
     """Pruning on / off: the engine (and torch.nn.utils.prune) against dense steps.
 
     The step time with an update every ``UPDATE_EVERY`` steps is the normal masked step plus
-    the extra time of a step with an update, divided by ``UPDATE_EVERY`` (both measured in
-    every repeat; the update step follows a rewind of the clock to a scheduled update).
+    the extra time of a step with an update divided by ``UPDATE_EVERY``. The extra time is the
+    median over the repeats that time an update step (every third repeat: a scheduled update
+    after the clock is rewound, untimed, to step ``UPDATE_EVERY``) of the update step minus the
+    same repeat's normal step; every repeat's normal steps get it added.
     """
     dense_t, ours_t, peer_t = trainers(model, inputs, targets, 3)
     ours, peer = EngineArm(ours_t), TorchPruneArm(peer_t)
@@ -323,24 +328,27 @@ def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: t
     arms = {
         "dense": timed(dense_t.step, times=steps),
         "ours": timed(ours.step, times=steps),
-        "ours_update": timed(ours.step, setup=ours.rewind),
         "peer": timed(peer.step, times=steps),
+        "ours_update": timed(ours.step, setup=ours.rewind),
         "peer_update": timed(peer.update_step),
     }
-    t = interleave(arms, budget_s=budget_s, min_repeats=min_repeats)
+    every = 3
+    t = interleave(arms, budget_s=budget_s, min_repeats=max(min_repeats, every + 1),
+                   every={"ours_update": every, "peer_update": every})
     updated_at = ours.last_update_step()
 
     def amortized(normal: list[float], update: list[float]) -> list[float]:
-        return [n + (u - n) / UPDATE_EVERY for n, u in zip(normal, update, strict=True)]
+        extra = statistics.median(u - n for u, n in zip(update, normal[::every]))
+        return [n + extra / UPDATE_EVERY for n in normal]
 
     ours_a, peer_a = amortized(t["ours"], t["ours_update"]), amortized(t["peer"], t["peer_update"])
     ours_ratio, peer_ratio = median_ratio(ours_a, t["dense"]), median_ratio(peer_a, t["dense"])
     vs_peer = median_ratio(ours_a, peer_a)
     details = (f"median step: dense {ms(t['dense'])}, ours {ms(t['ours'])} (update step {ms(t['ours_update'])}), "
                f"torch prune {ms(t['peer'])} (update step {ms(t['peer_update'])}); updates amortized over "
-               f"{UPDATE_EVERY} steps; {len(t['dense'])} interleaved repeats of {steps} step(s) per arm; "
-               f"counted sparsity ours {ours.sparsity():.2%}, torch prune {peer.sparsity():.2%}; "
-               f"timed update ran at step {updated_at}")
+               f"{UPDATE_EVERY} steps; {len(t['dense'])} interleaved repeats of {steps} step(s) per arm "
+               f"({len(t['ours_update'])} with update steps); counted sparsity ours {ours.sparsity():.2%}, "
+               f"torch prune {peer.sparsity():.2%}; the timed update ran at step {updated_at}")
     peer_text = f"torch prune {peer_ratio:.3f}x"
     return [
         result(f"a. step on/off, {label}", ours_ratio, 1.05, peer_text, details),

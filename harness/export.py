@@ -54,8 +54,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "CompressionReport",
-    "ConstantInputConv2d",
     "LayerChoice",
+    "PrunedConv2d",
     "SparseLinear",
     "compare_latency",
     "count_macs",
@@ -184,7 +184,7 @@ def count_macs(model: nn.Module, example: Example) -> tuple[int, int]:
     figures), per call (a layer called twice counts twice), biases not counted. At every output
     position each weight is one MAC; a weight that is an exact zero does no work, so the second
     number counts only non-zero weights. Works on the modules of this file too
-    (:class:`SparseLinear`, :class:`ConstantInputConv2d`).
+    (:class:`SparseLinear`, :class:`PrunedConv2d`).
     """
     totals = [0, 0]
 
@@ -205,7 +205,7 @@ def count_macs(model: nn.Module, example: Example) -> tuple[int, int]:
             # every input element meets one input-channel slice of the weight
             add(inputs[0].numel() // module.in_channels, weight.numel(), nonzero)
         else:  # _ConvNd: every output element meets one output-channel slice
-            add(output.numel() // module.out_channels, weight.numel(), nonzero)
+            add(output.numel() // getattr(module, "full_out_channels", module.out_channels), weight.numel(), nonzero)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | SparseLinear)]
@@ -434,22 +434,35 @@ def sparsify_linears(model: nn.Module, example: Example, min_speedup: float = 1.
 # -- channel surgery --------------------------------------------------------------------------
 
 
-class ConstantInputConv2d(nn.Conv2d):
-    """``nn.Conv2d`` plus the contribution of removed input channels that carried a constant.
+class PrunedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` without its pruned channels, putting back exactly what they contributed.
 
-    A removed input channel ``j`` that was constant ``c_j`` contributes
-    ``conv2d(c_j * ones, W[:, j])`` - a constant in the interior but not at zero-padded borders,
-    so it cannot be folded into the bias. ``const_kernel`` (out, 1, kh, kw) is
+    Input side (``const_kernel``): a removed input channel ``j`` that carried a constant ``c_j``
+    contributes ``conv2d(c_j * ones, W[:, j])``, a constant in the interior but not at zero-padded
+    borders, so it cannot be folded into the bias. ``const_kernel`` (out, 1, kh, kw) is
     ``sum_j c_j * W[:, j]``; its map ``conv2d(ones(H, W), const_kernel)`` is computed once per input
-    size, dtype and device, and added to every output.
+    size, dtype and device and added to the output.
+
+    Output side (``out_index``, ``fill_index``, ``fill_values``): zero filters whose channels cannot
+    be removed downstream (they feed a residual addition) are not computed; the output of the
+    kept filters is scattered to channels ``out_index`` of a ``full_out_channels`` wide output and
+    channels ``fill_index`` get their constant, the bias (``fill_values``), as the zero filters gave.
     """
 
-    def __init__(self, *args: Any, const_kernel: Tensor, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, const_kernel: Tensor | None = None, out_index: Tensor | None = None,
+                 fill_index: Tensor | None = None, fill_values: Tensor | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.groups != 1 or self.padding_mode != "zeros":
-            raise ValueError("ConstantInputConv2d: needs groups=1 and padding_mode='zeros'")
+            raise ValueError("PrunedConv2d: needs groups=1 and padding_mode='zeros'")
+        if (out_index is None) != (fill_index is None) or (fill_index is None) != (fill_values is None):
+            raise ValueError("PrunedConv2d: out_index, fill_index and fill_values go together")
         self.register_buffer("const_kernel", const_kernel)
+        self.register_buffer("out_index", out_index)
+        self.register_buffer("fill_index", fill_index)
+        self.register_buffer("fill_values", fill_values)
+        self.full_out_channels = self.out_channels + (0 if fill_index is None else fill_index.numel())
         self._maps: dict[tuple[Any, ...], Tensor] = {}
+        self._zero_fill: bool | None = None
 
     def _map(self, x: Tensor) -> Tensor:
         key = (tuple(x.shape[-2:]), x.dtype, x.device)
@@ -463,15 +476,38 @@ class ConstantInputConv2d(nn.Conv2d):
         return found if x.dim() == 4 else found[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x).add_(self._map(x))  # the conv's backward does not need its output
+        y = super().forward(x)
+        if self.const_kernel is not None:
+            y = y.add_(self._map(x))  # in place: the conv's backward does not need its output
+        if self.out_index is None:
+            return y
+        batch = y if y.dim() == 4 else y.unsqueeze(0)
+        n, _, h, w = batch.shape
+        out = batch.new_empty((n, self.full_out_channels, h, w))
+        out.index_copy_(1, self.out_index, batch)
+        if self._zero_fill is None:
+            self._zero_fill = not bool(self.fill_values.any())
+        if self._zero_fill:
+            out.index_fill_(1, self.fill_index, 0.0)
+        else:
+            out.index_copy_(1, self.fill_index, self.fill_values.to(out.dtype).view(1, -1, 1, 1).expand(n, -1, h, w))
+        return out if y.dim() == 4 else out[0]
 
-    def _apply(self, fn: Any, recurse: bool = True) -> ConstantInputConv2d:
-        self._maps = {}
+    def _apply(self, fn: Any, recurse: bool = True) -> PrunedConv2d:
+        self._maps, self._zero_fill = {}, None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._maps = {}
+        self._maps, self._zero_fill = {}, None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr()]
+        if self.const_kernel is not None:
+            parts.append("constant inputs folded")
+        if self.out_index is not None:
+            parts.append(f"scattered to {self.full_out_channels} output channels")
+        return ", ".join(parts)
 
 
 _ELEMENTWISE_MODULES = (
@@ -500,7 +536,7 @@ class _Chain:
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SparseLinear | ConstantInputConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, SparseLinear | PrunedConv2d) or super().is_leaf_module(m, qualname)
 
 
 def _only_input(node: torch.fx.Node, prev: torch.fx.Node) -> bool:
@@ -622,7 +658,7 @@ def _sliced_norm(bn: nn.Module, keep: Tensor) -> nn.Module:
     return new
 
 
-def remove_pruned_channels(model: nn.Module, example: Example) -> nn.Module:
+def remove_pruned_channels(model: nn.Module, example: Example, scatter_outputs: float | None = 0.25) -> nn.Module:
     """A copy of ``model`` in eval mode without the channels that channel pruning zeroed.
 
     An output channel of a conv (groups=1) or linear layer whose weights are all exact zeros is
@@ -636,14 +672,22 @@ def remove_pruned_channels(model: nn.Module, example: Example) -> nn.Module:
     The removed channel's contribution to the next layer is therefore folded in: into the
     bias of a linear layer or unpadded conv, and for a zero-padded conv (where the constant
     meets the padding at the borders) as a precomputed per-position map
-    (:class:`ConstantInputConv2d`). The constant is read from the forward of ``example`` and a
+    (:class:`PrunedConv2d`). The constant is read from the forward of ``example`` and a
     channel is removed only if it was constant over the batch (and positions, for a conv).
     Outputs equal ``model``'s in eval mode within float tolerance.
 
-    Scope: the graph comes from ``torch.fx.symbolic_trace``. Channels that feed a residual
-    addition, a concatenation or anything else besides one next layer are kept. For torchvision
-    ResNets this removes the internal channels of each block (conv1 -> bn1 of a BasicBlock; conv1
-    and conv2 of a Bottleneck), never the residual stream's. A layer always keeps one channel.
+    Channels that feed a residual addition, a concatenation or anything else besides one next
+    layer cannot be removed: the tensor keeps its width. For torchvision ResNets the removed
+    channels are the internal ones of each block (conv1 -> bn1 of a BasicBlock; conv1 and conv2
+    of a Bottleneck), never the residual stream's. A conv whose zero filters feed such a tensor
+    (a block's last conv, a downsample, the stem) still skips computing them when at least
+    ``scatter_outputs`` of its filters are zero: it computes the others and scatters them into the
+    full-width output, the zero filters' channels filled with their bias (:class:`PrunedConv2d`;
+    ``None`` leaves such layers as they are).
+
+    The graph comes from ``torch.fx`` symbolic tracing (a model it cannot trace is a
+    ``ValueError``). A layer always keeps one channel. The new layers keep the old names, so
+    ``state_dict`` keys stay; the tensors are smaller.
     """
     out = copy.deepcopy(model).eval()
     try:
@@ -658,7 +702,8 @@ def remove_pruned_channels(model: nn.Module, example: Example) -> nn.Module:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
 
-    chains = []
+    chains: list[_Chain] = []
+    unchained: list[str] = []  # layers with zero filters whose outputs cannot be narrowed
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in (nn.Conv2d, nn.Linear):
             continue
@@ -669,7 +714,9 @@ def remove_pruned_channels(model: nn.Module, example: Example) -> nn.Module:
         chain = _find_chain(node, modules, calls)
         if chain is not None:
             chains.append(chain)
-    if not chains:
+        else:
+            unchained.append(node.target)
+    if not chains and not unchained:
         return out
 
     recorder = _Recorder(gm, {c.consumer_input for c in chains})
@@ -718,18 +765,40 @@ def remove_pruned_channels(model: nn.Module, example: Example) -> nn.Module:
             norm_keep[name] = col_keep if after_flatten else keep
         constants = torch.cat([removed[j] for j in gone]).to(torch.float64)
         in_plan[chain.consumer] = (col_keep, col_gone, constants)
+    scattered = set()
+    if scatter_outputs is not None:
+        for chain in chains:
+            if chain.producer not in out_keep:
+                unchained.append(chain.producer)
+        for name in unchained:
+            layer = modules[name]
+            zero = (layer.weight.detach().flatten(1) == 0).all(1)
+            if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and (
+                    float(zero.float().mean()) >= scatter_outputs and not bool(zero.all())):
+                out_keep[name] = (~zero).nonzero().flatten()
+                scattered.add(name)
 
     for name, keep in norm_keep.items():
         _set_module(out, name, _sliced_norm(modules[name], keep))
     for name in dict.fromkeys([*out_keep, *in_plan]):
-        _set_module(out, name, _rebuilt_layer(modules[name], out_keep.get(name), in_plan.get(name)))
+        new = _rebuilt_layer(modules[name], out_keep.get(name), in_plan.get(name), name in scattered)
+        _set_module(out, name, new)
     return out
 
 
-def _rebuilt_layer(layer: nn.Module, rows: Tensor | None,
-                   inputs: tuple[Tensor, Tensor, Tensor] | None) -> nn.Module:
-    """``layer`` restricted to output ``rows`` and kept inputs, the removed inputs' constants folded in."""
+def _rebuilt_layer(layer: nn.Module, rows: Tensor | None, inputs: tuple[Tensor, Tensor, Tensor] | None,
+                   scatter: bool) -> nn.Module:
+    """``layer`` restricted to output ``rows`` and kept inputs, the removed inputs' constants folded in;
+    with ``scatter``, the output is scattered back to full width (the other rows filled with their bias)."""
     weight = layer.weight.detach()
+    extra_kwargs: dict[str, Tensor] = {}
+    if scatter:
+        assert rows is not None
+        fill = torch.ones(weight.shape[0], dtype=torch.bool)
+        fill[rows] = False
+        fill_index = fill.nonzero().flatten()
+        fill_values = layer.bias.detach()[fill_index] if layer.bias is not None else weight.new_zeros(len(fill_index))
+        extra_kwargs = {"out_index": rows.clone(), "fill_index": fill_index, "fill_values": fill_values.clone()}
     if rows is not None:
         weight = weight[rows]
     bias = layer.bias.detach() if layer.bias is not None else None
@@ -760,8 +829,8 @@ def _rebuilt_layer(layer: nn.Module, rows: Tensor | None,
     else:
         conv_args = (weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
                      layer.dilation, 1, bias is not None, layer.padding_mode)
-        if const_kernel is not None:
-            new = ConstantInputConv2d(*conv_args, const_kernel=const_kernel, **factory)
+        if const_kernel is not None or extra_kwargs:
+            new = PrunedConv2d(*conv_args, const_kernel=const_kernel, **extra_kwargs, **factory)
         else:
             new = nn.Conv2d(*conv_args, **factory)
     with torch.no_grad():
@@ -964,16 +1033,18 @@ def _benchmark(threads: int = 1, rounds: int = 30) -> None:  # pragma: no cover 
 
     resnet = torchvision.models.resnet18(num_classes=10).eval()
     _randomize_norms(resnet)
-    masked = copy.deepcopy(resnet)
-    for name, m in masked.named_modules():
-        if isinstance(m, nn.Conv2d) and name.startswith("layer") and name.endswith("conv1"):
-            _zero_channels(m, 0.5)
     x = torch.randn(8, 3, 64, 64)
-    small = remove_pruned_channels(masked, x)
-    ms_dense, ms_small = compare_latency(resnet, small, x, rounds=rounds, threads=threads)
-    print(f"resnet18 batch 8 64x64, 50% of block-internal channels: dense {ms_dense:.2f} ms, "
-          f"channels removed {ms_small:.2f} ms, ratio {ms_small / ms_dense:.3f}; MACs {count_macs(resnet, x)[0]:,} -> "
-          f"{count_macs(small, x)[0]:,}")
+    for which in ("block-internal convs (conv1 of each block)", "every conv (prune=channel's selection)"):
+        masked = copy.deepcopy(resnet)
+        for name, m in masked.named_modules():
+            if isinstance(m, nn.Conv2d) and (which.startswith("every") or (
+                    name.startswith("layer") and name.endswith("conv1"))):
+                _zero_channels(m, 0.5)
+        small = remove_pruned_channels(masked, x)
+        ms_dense, ms_small = compare_latency(resnet, small, x, rounds=rounds, threads=threads)
+        print(f"resnet18 batch 8 64x64, 50% of the channels of {which}: dense {ms_dense:.2f} ms, "
+              f"channels removed {ms_small:.2f} ms, ratio {ms_small / ms_dense:.3f}; MACs "
+              f"{count_macs(resnet, x)[0]:,} -> {count_macs(small, x)[0]:,}")
 
     from harness.models import DigitsCNN
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -51,7 +52,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
     continues an interrupted run from its checkpoint, in the same MLflow run.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    outputs = Path(cfg.outputs_dir)
+    outputs = _writable(Path(cfg.outputs_dir))  # before any work: caches and stores go there
     device = resolve_device(cfg.train.device)
 
     data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
@@ -128,6 +129,17 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
         ui = tracker.ui_command() if isinstance(tracker, MlflowTracker) else None
         print(report.format_summary(rows, metrics, verdict, baseline_note, tracker.describe(), ui), flush=True)
     return RunResult(metrics, verdict, tracker.run_id, output_dir)
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"outputs_dir={folder}: not a writable folder ({err.strerror})") from None
+    return folder
 
 
 def _attach_pruning(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> Pruning | None:

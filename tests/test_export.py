@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from harness.export import (
-    ConstantInputConv2d,
+    PrunedConv2d,
     SparseLinear,
     compare_latency,
     count_macs,
@@ -191,7 +191,7 @@ def test_remove_pruned_channels_digits_cnn_pruned_by_the_engine():
     assert small.classifier[3].in_features == 64 and small.classifier[3].out_features == 10
     # zero filters keep their bias, so some removed channels were a non-zero constant: folded at the
     # zero-padded borders of the next conv, and into the bias of the linear layers
-    assert isinstance(small.features[2], ConstantInputConv2d)
+    assert isinstance(small.features[2], PrunedConv2d)
     assert _params(small) < 0.3 * _params(model)
     with torch.no_grad():
         _close(small(x), model(x))
@@ -217,7 +217,7 @@ def test_remove_pruned_channels_sequential_with_batchnorm():
     assert [small[i].out_channels for i in (0, 4)] == [4, 12]
     assert small[1].num_features == 4 and small[5].num_features == 12 and small[10].num_features == 6
     assert small[9].in_features == 12 and small[12].in_features == 6
-    assert not any(isinstance(m, ConstantInputConv2d) for m in small.modules())  # unpadded: bias folding
+    assert not any(isinstance(m, PrunedConv2d) for m in small.modules())  # unpadded: bias folding
     with torch.no_grad():
         _close(small(x), model(x))
 
@@ -230,7 +230,6 @@ def test_remove_pruned_channels_resnet18_internal_channels():
     for name, m in model.named_modules():
         if name.startswith("layer") and name.endswith("conv1"):
             _zero_channels(m, 0.5)
-    _zero_channels(model.layer1[0].conv2, 0.25)  # feeds the residual add: must stay
     x = torch.randn(2, 3, 48, 48)
 
     small = remove_pruned_channels(model, x)
@@ -238,13 +237,42 @@ def test_remove_pruned_channels_resnet18_internal_channels():
         for block in stage:
             assert block.conv1.out_channels == width // 2 and block.bn1.num_features == width // 2
             assert block.conv2.in_channels == width // 2 and block.conv2.out_channels == width
-            assert isinstance(block.conv2, ConstantInputConv2d)  # relu(bn1 bias) constants, zero-padded conv
-    assert small.conv1.out_channels == 64 and small.layer1[0].conv2.out_channels == 64
+            assert isinstance(block.conv2, PrunedConv2d)  # relu(bn1 bias) constants at zero-padded borders
+            assert block.bn2.num_features == width  # the residual stream keeps its width
+    assert type(small.conv1) is nn.Conv2d and small.conv1.out_channels == 64
     assert _params(small) < 0.6 * _params(model)
     with torch.no_grad():
         _close(small(x), model(x))
         y = torch.randn(1, 3, 40, 56, generator=g)  # another input size: the border maps follow it
         _close(small(y), model(y))
+
+
+def test_remove_pruned_channels_resnet18_every_conv_scatters_residual_outputs():
+    """prune=channel's default selection zeroes filters of every conv, the residual stream's too."""
+    torch.manual_seed(9)
+    g = torch.Generator().manual_seed(9)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    _randomize_norms(model, g)
+    zeroed = {name: _zero_channels(m, 0.5) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    _zero_channels(model.layer4[1].conv2, 0.75)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+
+    small = remove_pruned_channels(model, x)
+    block = small.layer1[0]
+    assert block.conv1.out_channels == 32 and block.conv2.in_channels == 32
+    for conv in (small.conv1, block.conv2, small.layer2[0].downsample[0]):
+        assert isinstance(conv, PrunedConv2d) and conv.out_channels * 2 == conv.full_out_channels
+    assert block.conv2.out_index.tolist() == sorted(set(range(64)) - set(zeroed["layer1.0.conv2"]))
+    assert small.layer4[1].conv2.out_channels == 128
+    with torch.no_grad():
+        _close(small(x), model(x))
+    assert count_macs(small, x)[0] < 0.8 * count_macs(model, x)[1]
+
+    kept = remove_pruned_channels(model, x, scatter_outputs=None)
+    assert type(kept.layer1[0].conv1) is nn.Conv2d and kept.layer1[0].conv1.out_channels == 32
+    assert kept.layer1[0].conv2.out_channels == 64 and not hasattr(kept.conv1, "full_out_channels")
+    with torch.no_grad():
+        _close(kept(x), model(x))
 
 
 def test_remove_pruned_channels_leaves_an_unpruned_model_as_it_is():

@@ -348,11 +348,13 @@ def test_experiment_page_nests_the_sweep_trials_under_their_parent(browser, mlfl
         parent_link = run_link(browser, ui.parent.run_id)
         single_link = run_link(browser, ui.single.run_id)
         assert {links[t.run_id].text.strip() for t in ui.trials} == {t.name for t in ui.trials}
-        # Under it: the trials' rows come right after the parent's, before the other run, and are indented.
+        # Under it: the trials' rows come right after the parent's (the other run before or after them all),
+        # and are indented.
         y = {run_id: link.location["y"] for run_id, link in [*links.items(), ("parent", parent_link),
                                                               ("single", single_link)]}
-        trial_ys = sorted(y[t.run_id] for t in ui.trials)
-        assert y["parent"] < trial_ys[0] < trial_ys[1] < y["single"], y
+        rows = sorted(y, key=y.get)
+        below = rows[rows.index("parent") + 1:][:2]
+        assert set(below) == {t.run_id for t in ui.trials}, y
         x_top = parent_link.location["x"]
         assert single_link.location["x"] == x_top  # both top-level
         assert all(link.location["x"] > x_top for link in links.values()), (

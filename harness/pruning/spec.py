@@ -199,6 +199,8 @@ class ResolvedPruner:
     seed: int
 
     def validate(self, prefix: str = "") -> None:
+        if self.pattern == Pattern.nm and not 1 <= self.n < self.m:  # first: the nm target follows n and m
+            raise ValueError(f"{prefix}n={self.n}: N:M needs 1 <= n < m (m={self.m})")
         for key in ("initial_sparsity", "target_sparsity"):
             value = getattr(self, key)
             if not (0.0 <= value < 1.0) or math.isnan(value):
@@ -224,8 +226,6 @@ class ResolvedPruner:
         if self.names is not None and len(self.names) == 0:
             raise ValueError(f"{prefix}names=[]: list at least one tensor, or leave names unset")
         if self.pattern == Pattern.nm:
-            if not 1 <= self.n < self.m:
-                raise ValueError(f"{prefix}n={self.n}: N:M needs 1 <= n < m (m={self.m})")
             if self.target_sparsity > 1 - self.n / self.m + 1e-9:
                 raise ValueError(
                     f"{prefix}target_sparsity={self.target_sparsity}: {self.n}:{self.m} keeps "

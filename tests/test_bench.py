@@ -1,0 +1,55 @@
+"""The benchmark runs end to end at tiny sizes and prints its table (no timing assertions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness import bench
+
+
+def test_quick_bench_measures_every_selected_item_and_prints_the_table(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    markdown = tmp_path / "bench.md"
+    results = bench.main(["--quick", "--only", "a,c,d", "--markdown", str(markdown)])
+    out = capsys.readouterr().out
+
+    assert torch.get_num_threads() == threads  # restored
+    assert [r.name[0] for r in results] == ["a"] * 4 + ["c"] * 2 + ["d"]
+    for r in results:
+        assert isinstance(r, bench.Result)
+        assert math.isfinite(r.ratio) and r.ratio > 0, r
+        assert r.target > 0 and r.passed == (r.ratio <= r.target)
+        assert r.peer_text and r.details
+        assert r.name in out
+    assert "machine:" in out and f"torch {torch.__version__}" in out
+    header, *rows = [line for line in out.splitlines() if line.startswith(("item ", "a. ", "c. ", "d. "))]
+    assert header.split()[:4] == ["item", "ratio", "target", "result"]
+    assert len(rows) == len(results)
+    assert all(("pass" in row) != ("FAIL" in row) for row in rows)
+    text = markdown.read_text()
+    assert "| item | ratio | target | result |" in text
+    assert all(r.name in text for r in results)
+
+
+def test_interleave_rotates_the_order_and_respects_every():
+    calls: list[str] = []
+
+    def arm(name: str):
+        def run() -> float:
+            calls.append(name)
+            return 1.0
+
+        return run
+
+    times = bench.interleave({"a": arm("a"), "b": arm("b"), "c": arm("c")}, budget_s=60, min_repeats=4,
+                             max_repeats=4, every={"c": 2})
+    assert calls == ["a", "b", "c", "b", "a", "c", "a", "b", "a", "b"]  # c only in repeats 0 and 2
+    assert [len(times[k]) for k in "abc"] == [4, 4, 2]
+
+
+def test_unknown_items_are_rejected():
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "a,z"])
