@@ -409,7 +409,8 @@ def sparsify_linears(model: nn.Module, example: Example, min_speedup: float = 1.
                     notes.append(note)
                     if blocksize is None:
                         continue
-                candidates[kind] = SparseLinear.from_linear(linear, kind, blocksize)
+                with torch.inference_mode(False):  # ordinary tensors: the copy may be trained through
+                    candidates[kind] = SparseLinear.from_linear(linear, kind, blocksize)
             fns: dict[str, Callable[[], Any]] = {"dense": lambda x=x, w=weight, b=bias: F.linear(x, w, b)}
             fns |= {kind: (lambda x=x, m=m: m(x)) for kind, m in candidates.items()}
             times = _interleaved_ms(fns, rounds, warmup)
@@ -419,7 +420,7 @@ def sparsify_linears(model: nn.Module, example: Example, min_speedup: float = 1.
                 continue
             best = min(candidates, key=lambda k: times[k])
             speedup = times["dense"] / times[best]
-            detail = ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+            detail = "; ".join([", ".join(f"{k} {v:.3f} ms" for k, v in times.items()), *notes])
             if speedup >= min_speedup:
                 _set_module(out, name, candidates[best])
                 reason = f"{best} is {speedup:.2f}x faster than dense ({detail})"
@@ -794,7 +795,7 @@ def _rebuilt_layer(layer: nn.Module, rows: Tensor | None, inputs: tuple[Tensor, 
     extra_kwargs: dict[str, Tensor] = {}
     if scatter:
         assert rows is not None
-        fill = torch.ones(weight.shape[0], dtype=torch.bool)
+        fill = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
         fill[rows] = False
         fill_index = fill.nonzero().flatten()
         fill_values = layer.bias.detach()[fill_index] if layer.bias is not None else weight.new_zeros(len(fill_index))

@@ -149,6 +149,9 @@ def test_sparsify_linears_equal_outputs_and_dense_layer_stays_dense():
     assert by_name["3"].sparsity == pytest.approx(0.95, abs=0.01)
     with torch.no_grad():
         _close(fast(x), model(x))
+    xg = x.clone().requires_grad_()
+    fast(xg).sum().backward()  # gradients reach the input through the sparse kernels
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
     for key, value in model.state_dict().items():  # the original is untouched
         assert torch.equal(value, before[key])
 
@@ -196,6 +199,8 @@ def test_remove_pruned_channels_digits_cnn_pruned_by_the_engine():
     with torch.no_grad():
         _close(small(x), model(x))
         _close(small(x[:1]), model(x[:1]))
+    small(x).sum().backward()  # still trainable: fine-tune the smaller model
+    assert small.features[2].weight.grad is not None
     dense_macs, nonzero_macs = count_macs(model, x)
     assert count_macs(small, x)[0] < nonzero_macs < dense_macs
 
@@ -266,6 +271,8 @@ def test_remove_pruned_channels_resnet18_every_conv_scatters_residual_outputs():
     assert small.layer4[1].conv2.out_channels == 128
     with torch.no_grad():
         _close(small(x), model(x))
+        h = torch.randn(2, 32, 8, 8, generator=g)
+        _close(block.conv2(h[0]), block.conv2(h)[0])  # unbatched input
     assert count_macs(small, x)[0] < 0.8 * count_macs(model, x)[1]
 
     kept = remove_pruned_channels(model, x, scatter_outputs=None)

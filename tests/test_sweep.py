@@ -219,3 +219,16 @@ def test_two_worker_processes_share_a_postgres_study(postgres_server, tmp_path):
     children = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("harness.sweep") != "parent"]
     numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in children)
     assert numbers == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_four_workers_write_the_sqlite_stores_without_locking_errors(tmp_path):
+    result = run_sweep([*QUICK, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=4"], tmp_path, timeout=600)
+    logs = result.stdout + result.stderr + "".join(p.read_text() for p in (tmp_path / "sweep").glob("worker-*.log"))
+    assert result.returncode == 0, logs[-3000:]
+    assert "database is locked" not in logs
+    study = load(tmp_path)
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 6 and len(study.trials) == 6
+    assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) >= 2
+    runs = mlflow_runs(tmp_path)
+    assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
