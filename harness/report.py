@@ -52,6 +52,15 @@ def format_summary(
     return "\n".join(lines)
 
 
+def format_deployment(metrics: dict[str, float]) -> str:
+    """One line: what the pruned model costs against the dense one, as measured."""
+    return (f"deploy (batch of the test split): {metrics['latency/pruned_ms']:.3f} ms vs "
+            f"{metrics['latency/dense_ms']:.3f} ms dense (speedup {metrics['speedup']:.2f}x); "
+            f"compressed checkpoint {metrics['size/compressed_bytes'] / 1e6:.2f} MB vs "
+            f"{metrics['size/dense_bytes'] / 1e6:.2f} MB; non-zero MACs "
+            f"{metrics['macs/nonzero'] / max(1.0, metrics['macs/dense']):.1%} of dense")
+
+
 def format_plan(pruning: Pruning, planned: Sequence[PlannedUpdate]) -> str:
     """The dry run: which tensors each pruner matched, and the sparsity planned at every update."""
     lines = ["dry run: nothing trained, nothing written", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -21,9 +22,10 @@ from harness.baseline import load_or_train
 from harness.config import Config
 from harness.data import build_data
 from harness.errors import ConfigError, Interrupted, RunStopped
+from harness.export import deployment_report
 from harness.goal import Verdict, judge
 from harness.models import build_model
-from harness.pruning import MaskUpdate, Pruning, count_sparsity, overall_sparsity, prunable_weights
+from harness.pruning import MaskUpdate, Pattern, Pruning, count_sparsity, overall_sparsity, prunable_weights
 from harness.tracking import MlflowTracker, Tracker, flatten, make_tracker
 from harness.training import evaluate, fit, resolve_device
 
@@ -80,6 +82,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
 
         baseline = load_or_train(cfg, model, train_dense, outputs / "baselines")
         model.to(device)
+        dense = copy.deepcopy(model) if pruning is not None else None  # to measure what pruning bought
         baseline_note = (f"dense baseline {baseline.key}: "
                          f"{'reused from cache, no dense epochs run' if baseline.reused else 'trained and cached'}"
                          f" ({baseline.path})")
@@ -121,6 +124,14 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
 
         rows = count_sparsity(model, names)  # from the weights, never from the schedule
         metrics["final/sparsity"] = overall_sparsity(rows)
+        deploy = None
+        if dense is not None:
+            example = next(iter(data.test))[0][:64].to(device)
+            deploy = deployment_report(dense, model, example, output_dir / "pruned_model.compressed.pt",
+                                       channels=cfg.prune.pattern == Pattern.channel)
+            metrics |= deploy.metrics
+            for note in deploy.notes:
+                log.info(note)
         tracker.log_metrics(metrics)
         _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker)
 
@@ -128,6 +139,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
             resume.path.unlink(missing_ok=True)  # done: nothing left to resume
         ui = tracker.ui_command() if isinstance(tracker, MlflowTracker) else None
         print(report.format_summary(rows, metrics, verdict, baseline_note, tracker.describe(), ui), flush=True)
+        if deploy is not None:
+            print(report.format_deployment(deploy.metrics), flush=True)
     return RunResult(metrics, verdict, tracker.run_id, output_dir)
 
 
@@ -202,7 +215,8 @@ def _plain(value: Any) -> Any:
 
 def _write_artifacts(cfg: Config, model: torch.nn.Module, rows: list, updates: list[MaskUpdate],
                      history: list, output_dir: Path, tracker: Tracker) -> None:
-    files = [output_dir / "config.yaml", output_dir / "sparsity_report.csv", output_dir / "pruned_model.pt"]
+    files = [output_dir / "config.yaml", output_dir / "sparsity_report.csv", output_dir / "pruned_model.pt",
+             *[p for p in [output_dir / "pruned_model.compressed.pt"] if p.exists()]]
     files[0].write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     report.write_sparsity_csv(rows, files[1])
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, files[2])
