@@ -126,18 +126,46 @@ class TrainConfig:
             _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
 
 
+class Allocation(StrEnum):
+    uniform = "uniform"  # every tensor gets target_sparsity
+    sensitivity = "sensitivity"  # per-tensor targets from a sensitivity analysis, same overall sparsity
+
+
 @dataclass
 class PruneConfig(PruningSpec):
     """The engine's :class:`PruningSpec` fields, plus what the harness does with them."""
 
     enabled: bool = True  # prune=none sets false: the dense baseline is evaluated and reported
     dry_run: bool = False  # list the matched tensors and the planned sparsity of every update, then stop
+    allocation: Allocation = Allocation.uniform
+    allocation_strength: float = 1.0  # sensitivity allocation: 0 = uniform ... 1 = fully sensitivity-driven
 
     def __post_init__(self) -> None:
         try:
             self.resolve()
         except ValueError as err:
             raise ConfigError(f"prune.{err}") from None
+        if not 0.0 <= self.allocation_strength <= 1.0:
+            _fail("prune.allocation_strength", self.allocation_strength, "must be in [0, 1]")
+        if self.allocation == Allocation.sensitivity and (self.pruners or self.scope.value == "global"):
+            _fail("prune.allocation", "sensitivity", "gives each tensor its own pruner: use it without "
+                  "prune.pruners and with prune.scope=per_tensor")
+
+
+class AnalyzeMode(StrEnum):
+    none = "none"
+    sensitivity = "sensitivity"  # prune each tensor alone at each sparsity (one-shot) and measure val accuracy
+
+
+@dataclass
+class AnalyzeConfig:
+    mode: AnalyzeMode = AnalyzeMode.none
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    names: list[str] | None = None  # the tensors to analyse; unset: every conv and linear weight
+
+    def __post_init__(self) -> None:
+        if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
+            _fail("analyze.sparsities", list(self.sparsities), "a non-empty list of values in [0, 1)")
 
 
 class TrackingBackend(StrEnum):
@@ -189,6 +217,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     goal: GoalConfig = field(default_factory=GoalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     seed: int = 0
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
     lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -19,13 +20,22 @@ import yaml
 
 from harness import checkpoints, report
 from harness.baseline import load_or_train
-from harness.config import Config
+from harness.config import Allocation, AnalyzeMode, Config, PruneConfig
 from harness.data import build_data
 from harness.errors import ConfigError, Interrupted, RunStopped
 from harness.export import deployment_report
 from harness.goal import Verdict, judge
 from harness.models import build_model
-from harness.pruning import MaskUpdate, Pattern, Pruning, count_sparsity, overall_sparsity, prunable_weights
+from harness.pruning import (
+    MaskUpdate,
+    Pattern,
+    PrunerSpec,
+    Pruning,
+    count_sparsity,
+    overall_sparsity,
+    prunable_weights,
+)
+from harness.sensitivity import SensitivityTable, allocate_budgets, budgets_to_pruners, cached_sensitivity
 from harness.tracking import MlflowTracker, Tracker, flatten, make_tracker
 from harness.training import evaluate, fit, resolve_device
 
@@ -61,7 +71,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
     log.info("data: %s", data.description)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    pruning = _attach_pruning(cfg, model, steps_per_epoch=len(data.train))  # bad tensor names fail here
+    pruning = _attach_pruning(cfg.prune, model, len(data.train))  # bad tensor names fail here
     if pruning is not None and cfg.prune.dry_run:
         print(report.format_plan(pruning, pruning.plan(cfg.train.finetune_epochs)), flush=True)
         return RunResult({}, None, None, output_dir)
@@ -88,6 +98,22 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
                          f" ({baseline.path})")
         log.info(baseline_note)
         metrics = {"baseline/accuracy": baseline.val_accuracy, "baseline/test_accuracy": baseline.test_accuracy}
+
+        if cfg.analyze.mode == AnalyzeMode.sensitivity:
+            table = _sensitivity(cfg, model, data, baseline, device, cfg.analyze.names)
+            _report_sensitivity(table, output_dir, tracker)
+            return RunResult(metrics, None, tracker.run_id, output_dir)
+        if pruning is not None and cfg.prune.allocation == Allocation.sensitivity:
+            table = _sensitivity(cfg, model, data, baseline, device, list(pruning.params))
+            budgets = allocate_budgets(table, cfg.prune.target_sparsity, beta=cfg.prune.allocation_strength,
+                                       max_sparsity=cfg.prune.max_sparsity or 0.99)
+            pruners = [PrunerSpec(**p) for p in budgets_to_pruners(budgets)]
+            budgeted = dataclasses.replace(cfg.prune, pruners=pruners, names=None, allocation=Allocation.uniform)
+            pruning = _attach_pruning(budgeted, model,
+                                      len(data.train))
+            tracker.log_params({f"budget.{name}": round(value, 6) for name, value in budgets.items()})
+            log.info("per-tensor targets from sensitivity: %s",
+                     ", ".join(f"{n} {v:.3f}" for n, v in budgets.items()))
 
         verdict: Verdict | None = None
         updates: list[MaskUpdate] = []
@@ -155,17 +181,37 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
-def _attach_pruning(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> Pruning | None:
+def _attach_pruning(prune: PruneConfig, model: torch.nn.Module, steps_per_epoch: int) -> Pruning | None:
     """The engine on ``model``, or None for ``prune=none``; tensor-name errors become config errors."""
-    if not cfg.prune.enabled:
+    if not prune.enabled:
         return None
     try:
-        pruning = Pruning(cfg.prune).attach(model, steps_per_epoch=steps_per_epoch)
+        pruning = Pruning(prune).attach(model, steps_per_epoch=steps_per_epoch)
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
     for name, reason in pruning.skipped.items():
         log.info("not pruned: %s (%s)", name, reason)
     return pruning
+
+
+def _sensitivity(cfg: Config, model: torch.nn.Module, data: Any, baseline: Any, device: torch.device,
+                 names: list[str] | None) -> SensitivityTable:
+    """Each tensor pruned alone at each sparsity, on val; cached beside the dense baseline."""
+    log.info("sensitivity analysis: %s sparsities per tensor, one-shot, on val", len(cfg.analyze.sparsities))
+    table, path, reused = cached_sensitivity(
+        model, names, lambda m: evaluate(m, data.val, device), cfg.analyze.sparsities,
+        Path(cfg.outputs_dir) / "sensitivity", baseline.key, pattern=cfg.prune.pattern.value)
+    log.info("sensitivity table %s: %s", path, "reused from cache" if reused else "measured and cached")
+    return table
+
+
+def _report_sensitivity(table: SensitivityTable, output_dir: Path, tracker: Tracker) -> None:
+    files = [table.write_csv(output_dir / "sensitivity.csv"), table.plot(output_dir / "sensitivity.png")]
+    tracker.log_metrics({f"sensitivity/{name}": table.sensitivity(name) for name in table.names})
+    for path in files:
+        tracker.log_artifact(path)
+    print(table.format(), flush=True)
+    print(f"most sensitive first: {', '.join(table.most_sensitive(5))}", flush=True)
 
 
 def sparsity_metrics(update: MaskUpdate) -> dict[str, float]:

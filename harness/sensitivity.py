@@ -557,3 +557,31 @@ def budgets_to_pruners(budgets: Mapping[str, float], **fields: Any) -> list[dict
             raise ValueError(f"budgets[{name!r}]={value}: a target sparsity must be in [0, 1)")
         entries.append({"names": [name], "target_sparsity": value, **fields})
     return entries
+
+
+def cached_sensitivity(
+    model: nn.Module,
+    names: Sequence[str] | None,
+    evaluate_fn: Callable[[nn.Module], float],
+    sparsities: Sequence[float],
+    cache_dir: Path,
+    baseline_key: str,
+    pattern: MaskPattern | Pattern | str | None = None,
+) -> tuple[SensitivityTable, Path, bool]:
+    """:func:`analyze_sensitivity`, cached beside the dense baseline it measured.
+
+    The cache file is keyed by the baseline's key, the tensors, the sparsities and the pattern;
+    returns the table, its file, and whether it was reused.
+    """
+    import hashlib
+    import json
+
+    what = json.dumps({"names": list(names) if names is not None else None,
+                       "sparsities": [float(s) for s in sparsities], "pattern": str(pattern)}, sort_keys=True)
+    path = Path(cache_dir) / f"{baseline_key}-{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
+    if path.exists():
+        return SensitivityTable.load(path), path, True
+    table = analyze_sensitivity(model, names, evaluate_fn, sparsities, pattern=pattern)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table, path, False
