@@ -88,26 +88,69 @@ def format_plan(pruning: Pruning, planned: Sequence[PlannedUpdate]) -> str:
 
 
 def plot_curves(updates: Sequence[MaskUpdate], history: Sequence[EpochResult], path: Path) -> None:
-    """Scheduled and measured sparsity, and val accuracy, against the optimizer step."""
+    """Left: the schedule (scheduled and counted sparsity) and val accuracy; right: each tensor's
+    counted sparsity; both against the optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, per_tensor) = plt.subplots(1, 2, figsize=(12, 4.2))
     steps = [u.global_step for u in updates]
     ax.step(steps, [u.target for u in updates], where="post", label="sparsity/target")
     ax.plot(steps, [u.overall for u in updates], "o", ms=3, label="sparsity/overall (counted)")
     ax.plot([h.global_step for h in history], [h.val_accuracy for h in history], "-s", ms=3,
             label="val/accuracy")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
     ax.set_title("Pruning schedule and accuracy")
+    for name in updates[-1].sparsity if updates else []:
+        per_tensor.step(steps, [u.sparsity[name] for u in updates], where="post", label=name)
+    per_tensor.set_title("Sparsity per tensor (counted from the weights)")
+    for axis in (ax, per_tensor):
+        axis.set_xlabel("optimizer step")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=7 if axis is per_tensor else None)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_summary_html(path: Path, title: str, rows: Sequence[TensorSparsity], metrics: dict[str, float],
+                       verdict: Verdict | None, notes: Sequence[str], config_yaml: str, plot: Path | None) -> None:
+    """The run on one page: verdict, accuracies (val and test), per-layer table, curves, deployment
+    numbers and the config, self-contained (the plot is embedded)."""
+    import base64
+    import html
+
+    def table(header: Sequence[str], body: Sequence[Sequence[object]]) -> str:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+        return f"<table><tr>{head}</tr>{rows_html}</table>"
+
+    accuracy = table(["", "val", "test"], [
+        ["dense", f"{metrics['baseline/accuracy']:.4f}", f"{metrics['baseline/test_accuracy']:.4f}"],
+        ["pruned", f"{metrics['final/accuracy']:.4f}", f"{metrics['final/test_accuracy']:.4f}"]])
+    layers = table(["tensor", "shape", "parameters", "zeros", "sparsity"],
+                   [[r.name, _shape(r), f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}"] for r in rows]
+                   + [["overall", "", f"{sum(r.numel for r in rows):,}", f"{sum(r.zeros for r in rows):,}",
+                       f"{overall_sparsity(rows):.2%}"]])
+    other = table(["metric", "value"], [[k, f"{v:.6g}"] for k, v in sorted(metrics.items())])
+    image = ""
+    if plot is not None and plot.exists():
+        data = base64.b64encode(plot.read_bytes()).decode()
+        image = f'<img alt="schedule, accuracy and per-tensor sparsity" src="data:image/png;base64,{data}">'
+    verdict_html = html.escape(verdict.describe() + " (judged on val)") if verdict else "dense only: no verdict"
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f6f6f6;padding:1em;font-size:12px}")
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p><b>{verdict_html}</b></p>"
+        f"<h2>Accuracy</h2>{accuracy}<h2>Sparsity per tensor</h2>{layers}<h2>Curves</h2>{image}"
+        f"<h2>Measured</h2>{other}<ul>{notes_html}</ul><h2>Config</h2><pre>{html.escape(config_yaml)}</pre>"
+        "</body></html>")
 
 
 def _shape(row: TensorSparsity) -> str:

@@ -159,7 +159,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
             for note in deploy.notes:
                 log.info(note)
         tracker.log_metrics(metrics)
-        _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker)
+        _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker, metrics, verdict,
+                         deploy.notes if deploy else [])
 
         if resume is not None:
             resume.path.unlink(missing_ok=True)  # done: nothing left to resume
@@ -260,17 +261,22 @@ def _plain(value: Any) -> Any:
 
 
 def _write_artifacts(cfg: Config, model: torch.nn.Module, rows: list, updates: list[MaskUpdate],
-                     history: list, output_dir: Path, tracker: Tracker) -> None:
-    files = [output_dir / "config.yaml", output_dir / "sparsity_report.csv", output_dir / "pruned_model.pt",
-             *[p for p in [output_dir / "pruned_model.compressed.pt"] if p.exists()]]
-    files[0].write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    report.write_sparsity_csv(rows, files[1])
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, files[2])
-    if updates:
-        files.append(output_dir / "curves.png")
-        report.plot_curves(updates, history, files[-1])
-    for path in files:
-        tracker.log_artifact(path)
+                     history: list, output_dir: Path, tracker: Tracker, metrics: dict[str, float],
+                     verdict: Verdict | None, notes: list[str]) -> None:
+    config_yaml = yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    (output_dir / "config.yaml").write_text(config_yaml)
+    report.write_sparsity_csv(rows, output_dir / "sparsity_report.csv")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, output_dir / "pruned_model.pt")
+    plot = output_dir / "curves.png" if updates else None
+    if plot:
+        report.plot_curves(updates, history, plot)
+    report.write_summary_html(output_dir / "summary.html", _run_name(cfg), rows, metrics, verdict, notes,
+                              config_yaml, plot)
+    names = ["config.yaml", "sparsity_report.csv", "pruned_model.pt", "pruned_model.compressed.pt",
+             "curves.png", "summary.html"]
+    for path in (output_dir / name for name in names):
+        if path.exists():
+            tracker.log_artifact(path)
 
 
 def _run_name(cfg: Config) -> str:
