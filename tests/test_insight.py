@@ -50,7 +50,7 @@ def test_sensitivity_allocation_meets_the_overall_target_with_per_tensor_budgets
 
 
 def test_allocation_conflicts_are_config_errors():
-    with pytest.raises(Exception, match="prune.allocation=sensitivity: gives each tensor its own pruner"):
+    with pytest.raises(Exception, match=r"prune\.allocation=sensitivity: gives each tensor its own pruner"):
         compose_config(["prune.allocation=sensitivity", "prune.scope=global"])
 
 
