@@ -232,3 +232,26 @@ def test_four_workers_write_the_sqlite_stores_without_locking_errors(tmp_path):
     assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) >= 2
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_multi_objective_trial_reports_nothing_and_is_never_pruned(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="m", storage=storage, directions=["maximize", "maximize"])
+    trial = study.ask()
+    link = TrialLink(storage, "m", trial.number, None, "median", 0, 0)
+    link.on_validation(0, 0.1)  # Optuna cannot prune multi-objective studies: no report, no stop
+    assert study.trials[0].intermediate_values == {}
+
+
+@pytest.mark.slow
+def test_pareto_sweep_reports_the_front(tmp_path):
+    result = run_sweep(["+sweep=pareto", "hydra.sweeper.n_trials=3", "train.epochs=2", "train.finetune_epochs=7"],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "pareto")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    front = {s["number"] for s in results["solutions"]}
+    assert front == {t.number for t in study.best_trials} and front
+    assert all(s["test_accuracy"] is not None and "python -m harness" in s["command"] for s in results["solutions"])
+    assert (tmp_path / "sweep" / "accuracy_vs_sparsity.png").exists()

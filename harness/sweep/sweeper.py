@@ -187,7 +187,8 @@ def _report(study: optuna.Study, space: Any, fixed_args: list[str], sweep_dir: P
                          "best.mlflow_run_id": best.mlflow_run_id or ""})
     lines = [f"sweep {study.study_name}: {len(study.trials)} trials in {sweep_dir}"]
     if not chosen:
-        lines.append("no complete trial meets the accuracy goal")
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        lines.append("no complete trial meets the accuracy goal" if complete else "no trial completed")
     for c in chosen:
         lines.append(f"trial {c.number}: sparsity {c.metrics.get('final/sparsity', float('nan')):.4f}, "
                      f"val accuracy {c.metrics.get('final/accuracy', float('nan')):.4f}, "

@@ -30,6 +30,7 @@ class TrialLink:
         trial_id = next(t._trial_id for t in loaded.get_trials(deepcopy=False) if t.number == number)
         self.trial = optuna.trial.Trial(loaded, trial_id)
         self.study, self.number, self.parent_run_id = study, number, parent_run_id
+        self.multi_objective = len(loaded.directions) > 1
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrialLink | None:
@@ -51,6 +52,8 @@ class TrialLink:
             self.trial.set_user_attr("mlflow_run_id", run_id)
 
     def on_validation(self, epoch: int, accuracy: float) -> None:
+        if self.multi_objective:  # Optuna prunes single-objective studies only
+            return
         self.trial.report(accuracy, step=epoch)
         if self.trial.should_prune():
             raise Pruned(f"pruned by the study's pruner after epoch {epoch} (val accuracy {accuracy:.4f})")
