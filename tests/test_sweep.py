@@ -245,8 +245,9 @@ def test_a_multi_objective_trial_reports_nothing_and_is_never_pruned(tmp_path):
 
 @pytest.mark.slow
 def test_pareto_sweep_reports_the_front(tmp_path):
-    result = run_sweep(["+sweep=pareto", "hydra.sweeper.n_trials=3", "train.epochs=2", "train.finetune_epochs=7"],
-                       tmp_path)
+    # A command-line sweep override replaces the sweep file's range for that key.
+    result = run_sweep(["+sweep=pareto", "hydra.sweeper.n_trials=3", "train.epochs=2", "train.finetune_epochs=3",
+                        "prune.end_epoch=range(1, 3)"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(tmp_path, "pareto")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
