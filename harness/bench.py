@@ -90,12 +90,12 @@ class Settings:
     resnet_image: int = 64
     conv_model: str = "resnet18"  # items a, b, d
     global_model: str = "resnet50"  # item c
-    budget_a_mlp: float = 25.0  # seconds per item (repeats stop when the next would not fit)
-    budget_a_resnet: float = 60.0
+    budget_a_mlp: float = 35.0  # seconds per item (repeats stop when the next would not fit)
+    budget_a_resnet: float = 70.0
     budget_b: float = 35.0
-    budget_c: float = 45.0
-    budget_d: float = 8.0
-    budget_e: float = 50.0
+    budget_c: float = 40.0
+    budget_d: float = 6.0
+    budget_e: float = 45.0
     budget_f: float = 220.0
     min_repeats: int = 3
     e_overrides: tuple[str, ...] = ()  # the default run
@@ -128,13 +128,15 @@ def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_rep
     """Run every arm once per repeat, rotating the order at each repeat (A B C, B C A, ...).
 
     Each arm does its own untimed set-up and returns the seconds of its timed part. An arm
-    named in ``every`` runs only in every n-th repeat (from the first). The garbage collector
-    runs between repeats, never inside one. Repeats stop at ``max_repeats`` or, after
-    ``min_repeats``, when the next repeat would end past ``budget_s``.
+    named in ``every`` runs only in every n-th repeat (from the first); the rotation goes over
+    the arms of the repeat, so that each arm takes each place equally often. The garbage
+    collector runs between repeats, never inside one. Repeats stop at ``max_repeats`` or,
+    after ``min_repeats``, when the next repeat would end past ``budget_s``.
     """
     every = every or {}
     names = list(arms)
     times: dict[str, list[float]] = {name: [] for name in names}
+    rotations: dict[tuple[str, ...], int] = {}
     started = time.perf_counter()
     gc_enabled = gc.isenabled()
     gc.disable()
@@ -143,10 +145,11 @@ def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_rep
             elapsed = time.perf_counter() - started
             if r >= min_repeats and elapsed * (r + 1) / r > budget_s:
                 break
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                if r % every.get(name, 1) == 0:
-                    times[name].append(arms[name]())
+            active = tuple(name for name in names if r % every.get(name, 1) == 0)
+            shift = rotations.get(active, 0) % len(active)
+            rotations[active] = shift + 1
+            for name in active[shift:] + active[:shift]:
+                times[name].append(arms[name]())
             gc.collect()
     finally:
         if gc_enabled:
@@ -390,7 +393,7 @@ def item_a(ctx: Context) -> list[Result]:
     label = f"{s.conv_model} b{s.resnet_batch} {s.resnet_image}x{s.resnet_image}"
     rows += step_overhead(label, torchvision_model(s.conv_model),
                           torch.randn(s.resnet_batch, 3, s.resnet_image, s.resnet_image),
-                          torch.randint(0, 10, (s.resnet_batch,)), s.budget_a_resnet, s.min_repeats, steps=1,
+                          torch.randint(0, 10, (s.resnet_batch,)), s.budget_a_resnet, s.min_repeats, steps=2,
                           callbacks_only_arm=False)
     return rows
 

@@ -46,7 +46,8 @@ def test_interleave_rotates_the_order_and_respects_every():
 
     times = bench.interleave({"a": arm("a"), "b": arm("b"), "c": arm("c")}, budget_s=60, min_repeats=4,
                              max_repeats=4, every={"c": 2})
-    assert calls == ["a", "b", "c", "b", "a", "c", "a", "b", "a", "b"]  # c only in repeats 0 and 2
+    # c only in repeats 0 and 2; the order rotates over the arms of each repeat
+    assert calls == ["a", "b", "c", "a", "b", "b", "c", "a", "b", "a"]
     assert [len(times[k]) for k in "abc"] == [4, 4, 2]
 
 

@@ -32,5 +32,9 @@ def test_same_config_and_seed_give_identical_masks_and_accuracy(tmp_path):
         state = torch.load(tmp_path / str(i) / "run" / "pruned_model.pt", weights_only=True)
         results.append((result.metrics, state))
     (metrics_a, state_a), (metrics_b, state_b) = results
-    assert metrics_a == metrics_b
+
+    def measured(metrics):  # all but the wall-clock timings
+        return {k: v for k, v in metrics.items() if not k.startswith("latency/") and k != "speedup"}
+
+    assert measured(metrics_a) == measured(metrics_b)
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
