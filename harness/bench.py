@@ -124,14 +124,19 @@ class Context:
 
 
 def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_repeats: int = 3,
-               max_repeats: int = 1000, every: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Run every arm once per repeat, rotating the order at each repeat (A B C, B C A, ...).
+               max_repeats: int = 1000, every: dict[str, int] | None = None,
+               rounds: int = 1) -> dict[str, list[float]]:
+    """Run every arm once per round, ``rounds`` rounds per repeat, rotating the order at each
+    repeat (A B C A B C, then B C A B C A, ...); an arm's sample of a repeat is its fastest round.
 
-    Each arm does its own untimed set-up and returns the seconds of its timed part. An arm
-    named in ``every`` runs only in every n-th repeat (from the first); the rotation goes over
-    the arms of the repeat, so that each arm takes each place equally often. The garbage
-    collector runs between repeats, never inside one. Repeats stop at ``max_repeats`` or,
-    after ``min_repeats``, when the next repeat would end past ``budget_s``.
+    Each arm does its own untimed set-up and returns the seconds of its timed part. Rounds
+    interleave the arms step by step, so that the arms of a repeat share the same spells of
+    interference from other work on the machine, and that only ever adds time: the fastest
+    round is the least disturbed. An arm named in ``every`` runs only in every n-th repeat
+    (from the first) and then in its first round only. The rotation goes over the arms of the
+    repeat, so that each arm takes each place equally often. The garbage collector runs
+    between repeats, never inside one. Repeats stop at ``max_repeats`` or, after
+    ``min_repeats``, when the next repeat would end past ``budget_s``.
     """
     every = every or {}
     names = list(arms)
@@ -148,8 +153,13 @@ def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_rep
             active = tuple(name for name in names if r % every.get(name, 1) == 0)
             shift = rotations.get(active, 0) % len(active)
             rotations[active] = shift + 1
-            for name in active[shift:] + active[:shift]:
-                times[name].append(arms[name]())
+            best: dict[str, float] = {}
+            for round_ in range(rounds):
+                for name in active[shift:] + active[:shift]:
+                    if round_ == 0 or name not in every:
+                        best[name] = min(best.get(name, math.inf), arms[name]())
+            for name, seconds in best.items():
+                times[name].append(seconds)
             gc.collect()
     finally:
         if gc_enabled:
@@ -158,21 +168,15 @@ def interleave(arms: dict[str, Callable[[], float]], *, budget_s: float, min_rep
 
 
 def timed(work: Callable[[], Any], setup: Callable[[], Any] | None = None, times: int = 1) -> Callable[[], float]:
-    """An arm: untimed ``setup``, then ``work`` ``times`` times; returns the fastest call's seconds.
-
-    The fastest of a few calls: on a shared machine interference only ever adds time, so the
-    minimum is the least disturbed estimate of a call (the same for every arm of an item).
-    """
+    """An arm: untimed ``setup``, then ``work`` ``times`` times; returns the seconds per call."""
 
     def arm() -> float:
         if setup is not None:
             setup()
-        best = math.inf
+        start = time.perf_counter()
         for _ in range(times):
-            start = time.perf_counter()
             work()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return (time.perf_counter() - start) / times
 
     return arm
 
@@ -343,17 +347,17 @@ def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: t
         if callbacks_only is not None:
             callbacks_only.step()
     arms = {
-        "dense": timed(dense_t.step, times=steps),
-        "ours": timed(ours.step, times=steps),
-        "peer": timed(peer.step, times=steps),
+        "dense": timed(dense_t.step),
+        "ours": timed(ours.step),
+        "peer": timed(peer.step),
         "ours_update": timed(ours.step, setup=ours.rewind),
         "peer_update": timed(peer.update_step),
     }
     if callbacks_only is not None:
-        arms |= {"callbacks": timed(callbacks_only.step, times=steps),
+        arms |= {"callbacks": timed(callbacks_only.step),
                  "callbacks_update": timed(callbacks_only.step, setup=callbacks_only.rewind)}
     every = 3
-    t = interleave(arms, budget_s=budget_s, min_repeats=max(min_repeats, every + 1),
+    t = interleave(arms, budget_s=budget_s, min_repeats=max(min_repeats, every + 1), rounds=steps,
                    every={name: every for name in arms if name.endswith("_update")})
     updated_at = ours.last_update_step()
 
@@ -366,8 +370,8 @@ def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: t
     vs_peer = median_ratio(ours_a, peer_a)
     details = (f"median step: dense {ms(t['dense'])}, ours {ms(t['ours'])} (update step {ms(t['ours_update'])}), "
                f"torch prune {ms(t['peer'])} (update step {ms(t['peer_update'])}); updates amortized over "
-               f"{UPDATE_EVERY} steps; {len(t['dense'])} interleaved repeats, each arm's fastest of {steps} "
-               f"step(s) ({len(t['ours_update'])} repeats with update steps); ours = attach(optimizer=) + the "
+               f"{UPDATE_EVERY} steps; {len(t['dense'])} repeats of {steps} interleaved round(s), each arm's "
+               f"fastest round ({len(t['ours_update'])} repeats with update steps); ours = attach(optimizer=) + the "
                f"callbacks in a plain loop")
     if callbacks_only is not None:
         cb_a = amortized(t["callbacks"], t["callbacks_update"])
@@ -563,15 +567,14 @@ def item_d(ctx: Context) -> list[Result]:
             hook(module, None)
 
     repeat = 5
-    arms = {"apply": timed(pruning.apply_masks, times=repeat), "copy": timed(copy_all, times=repeat),
-            "peer": timed(peer_apply, times=repeat)}
-    t = interleave(arms, budget_s=s.budget_d, min_repeats=10, max_repeats=200)
+    arms = {"apply": timed(pruning.apply_masks), "copy": timed(copy_all), "peer": timed(peer_apply)}
+    t = interleave(arms, budget_s=s.budget_d, min_repeats=10, max_repeats=200, rounds=repeat)
     ratio = median_ratio(t["apply"], t["copy"])
     peer_ratio = median_ratio(t["peer"], t["copy"])
     numel = sum(p.numel() for p in params)
     details = (f"{label}: {len(params)} tensors, {numel:,} values; median apply_masks {ms(t['apply'])}, "
                f"copy_ {ms(t['copy'])}, torch prune pre-hooks (w = orig * mask) {ms(t['peer'])}; "
-               f"{len(t['apply'])} interleaved repeats of {repeat} calls")
+               f"{len(t['apply'])} repeats of {repeat} interleaved rounds, each arm's fastest round")
     return [result(f"d. apply_masks / copy_, {label}", ratio, 2.0, f"torch prune hooks {peer_ratio:.2f}x copy_",
                    details)]
 

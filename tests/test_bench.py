@@ -51,6 +51,24 @@ def test_interleave_rotates_the_order_and_respects_every():
     assert [len(times[k]) for k in "abc"] == [4, 4, 2]
 
 
+def test_rounds_interleave_step_by_step_and_keep_the_fastest():
+    calls: list[str] = []
+    clock = iter(range(100))
+
+    def arm(name: str):
+        def run() -> float:
+            calls.append(name)
+            return float(next(clock))
+
+        return run
+
+    times = bench.interleave({"a": arm("a"), "b": arm("b"), "u": arm("u")}, budget_s=60, min_repeats=2,
+                             max_repeats=2, every={"u": 2}, rounds=2)
+    # u once, in the first round of repeat 0; repeat 1 is the first of its set of arms: no shift yet
+    assert calls == ["a", "b", "u", "a", "b", "a", "b", "a", "b"]
+    assert times == {"a": [0.0, 5.0], "b": [1.0, 6.0], "u": [2.0]}
+
+
 def test_unknown_items_are_rejected():
     with pytest.raises(SystemExit):
         bench.main(["--only", "a,z"])
