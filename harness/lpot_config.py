@@ -27,7 +27,16 @@ from pathlib import PurePath
 from typing import Any
 
 from harness.config import PruneConfig, TrainConfig
-from harness.pruning.lpot import WEIGHT_COMPRESSION, LpotTrain, load_lpot_yaml, read_lpot_yaml, read_train_section
+from harness.pruning.lpot import (
+    WEIGHT_COMPRESSION,
+    LpotTrain,
+    _as_bool,
+    _as_int,
+    _as_str,
+    load_lpot_yaml,
+    read_lpot_yaml,
+    read_train_section,
+)
 from harness.pruning.spec import PrunerSpec, PruningSpec
 
 # The statistics the harness normalizes with (harness/data.py; not imported, it loads torch).
@@ -243,7 +252,7 @@ def _map_dataloader(dataloader: Mapping[str, Any], draft: _Draft) -> None:
     for key, value in dataloader.items():
         dotted = f"{DATALOADER}.{key}"
         if key == "batch_size":
-            draft.set(dotted, "train.batch_size", _int(value, dotted))
+            draft.set(dotted, "train.batch_size", _as_int(value, dotted))
         elif key == "dataset":
             dataset = _map_dataset(_mapping(value, dotted), dotted, draft)
         elif key == "transform":
@@ -278,9 +287,9 @@ def _map_dataset(datasets: Mapping[str, Any], path: str, draft: _Draft) -> str |
         for arg, value in args.items():
             dotted = f"{key}.{arg}"
             if arg == "root":
-                _map_root(_str(value, dotted), dotted, name, draft)
+                _map_root(_as_str(value, dotted), dotted, name, draft)
             elif name == "cifar10" and arg == "download":
-                draft.set(dotted, "dataset.download", _bool(value, dotted))
+                draft.set(dotted, "dataset.download", _as_bool(value, dotted))
             elif name == "cifar10" and arg == "train" and value is True:
                 draft.note(dotted, "the harness's training split")
             elif name == "cifar10" and arg == "train":
@@ -355,7 +364,7 @@ def _square_size(size: Any, key: str) -> int | None:
         size = size[0]
     if isinstance(size, list):
         return None
-    return _int(size, key)
+    return _as_int(size, key)
 
 
 def _close(values: Any, expected: tuple[float, ...]) -> bool:
@@ -428,20 +437,3 @@ def _mapping(value: Any, key: str) -> Mapping[str, Any]:
         raise ValueError(f"{key}={value!r}: must be a mapping")
     return value
 
-
-def _int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key}={value!r}: must be an integer")
-    return value
-
-
-def _str(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{key}={value!r}: must be a string")
-    return value
-
-
-def _bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r}: must be true or false")
-    return value
