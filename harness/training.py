@@ -148,6 +148,11 @@ def fit(
         scheduler.load_state_dict(resume.scheduler)
         history, global_step = list(resume.history), resume.global_step
         first_epoch, first_step, loss_carry = resume.epoch, resume.step, resume.loss_sum
+    # The pruning engine masks around the optimizer's own steps; handed the optimizer after a resume
+    # has loaded its state, so that the engine zeroes the pruned entries of the state it will use.
+    for callback in callbacks:
+        if hasattr(callback, "use_optimizer"):
+            callback.use_optimizer(optimizer)
     # disable=None: a bar on a terminal, nothing in a non-interactive log (the epoch lines stay).
     bar = tqdm(total=epochs * len(train_loader), initial=global_step, desc=desc, unit="step", disable=None,
                leave=False)

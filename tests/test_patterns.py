@@ -426,3 +426,43 @@ def test_global_runs_over_25_million_weights():
     result = select_global(unit_scores, unit_sizes, keep, 0.7, max_sparsity=0.9)
     assert sum(zeros(v) for v in result.values()) == round(0.7 * 25_000_000)
     assert max(zeros(v) for v in result.values()) <= 450_000
+
+
+def _stable_reference(ranked: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the ``k`` lowest by (value, index), and every -inf: a stable sort, the slow reference."""
+    keep = torch.ones(ranked.numel(), dtype=torch.bool)
+    keep[torch.argsort(ranked, stable=True)[: max(k, int(torch.isneginf(ranked).sum()))]] = False
+    return keep
+
+
+def _large(kind: str) -> torch.Tensor:
+    n = (1 << 21) + 12_345  # above the size where the sampled selection takes over
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(n, generator=g)
+    if kind == "ties":  # a handful of distinct values: the threshold sits inside a huge tie
+        values = torch.randint(0, 4, (n,), generator=g).float()
+    elif kind == "already_pruned":  # 60% pruned earlier (-inf)
+        values[: int(0.6 * n)] = -math.inf
+    elif kind == "sorted":
+        values = values.sort().values
+    elif kind == "periodic":  # the strided sample sees one value only: the bracket misses
+        values = (torch.arange(n) % (n // (1 << 16))).float()
+    elif kind == "capped":  # units out of the race (+inf) and already pruned ones
+        values[::3] = math.inf
+        values[1::7] = -math.inf
+    return values
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "already_pruned", "sorted", "periodic", "capped"])
+@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.999])
+def test_threshold_selection_is_exact_on_large_tensors(kind, fraction):
+    """The sampled threshold selection over millions of units prunes exactly the units a stable
+    sort would (ties in index order), whatever the distribution; a sample that misleads it only
+    makes it slower."""
+    from harness.pruning.patterns import _keep_above_kth
+
+    ranked = _large(kind)
+    in_race = int((~torch.isposinf(ranked)).sum())
+    k = min(round(fraction * ranked.numel()), in_race)
+    assert torch.equal(_keep_above_kth(ranked, k), _stable_reference(ranked, k))
+    assert torch.equal(_keep_above_kth(ranked, k, torch.float32), _stable_reference(ranked, k).float())

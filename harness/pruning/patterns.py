@@ -150,7 +150,8 @@ class _OneWeightUnits(MaskPattern):
         return unit_keep.reshape(shape)
 
     def unit_keep(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask.reshape(-1).ne(0).to(_mask_dtype(mask))
+        flat = mask.reshape(-1)  # a float mask of 0s and 1s is its own unit keep-mask: no copy
+        return flat if flat.is_floating_point() else flat.ne(0).to(torch.float32)
 
 
 class Unstructured(_OneWeightUnits):
@@ -164,13 +165,10 @@ class Unstructured(_OneWeightUnits):
 
     def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
         _check_sparsity(sparsity)
-        live = current_mask.reshape(-1).ne(0)
-        ranked = scores.detach().reshape(-1).to(torch.float32, copy=True).masked_fill_(~live, _PRUNED)
-        keep = live.clone()  # already pruned stays pruned, even if fewer are asked for now
-        k = pruned_count(ranked.numel(), sparsity)
-        if k > 0:
-            keep[torch.topk(ranked, k, largest=False, sorted=False).indices] = False
-        return keep.view(scores.shape).to(_mask_dtype(current_mask))
+        ranked = scores.detach().reshape(-1).to(torch.float32).masked_fill(current_mask.reshape(-1) == 0, _PRUNED)
+        # Already pruned (-inf) stays pruned, even if fewer are asked for now.
+        keep = _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), _mask_dtype(current_mask))
+        return keep.view(scores.shape)
 
 
 class NM(_OneWeightUnits):
@@ -394,9 +392,10 @@ def select_global(
     goes to the next-lowest units of the other tensors; when every tensor is capped, the
     total is not reached.
 
-    Cost: one concatenation and one ``topk`` (units of one weight) or stable sort (other
-    units) over all units; with ``max_sparsity``, one more selection per tensor first, which
-    leaves in the race only the units each tensor may still lose.
+    Cost: one concatenation and one exact threshold selection (units of one weight: a few
+    parallel passes, see ``_kth_smallest``) or stable sort (other units) over all units; with
+    ``max_sparsity``, one more selection per tensor first, which leaves in the race only the
+    units each tensor may still lose.
 
     Args:
         unit_scores: per tensor, the 1-D unit scores (``MaskPattern.unit_scores``).
@@ -463,7 +462,8 @@ def select_global(
                 chunk.masked_fill_(kept_at_cap, math.inf)
 
     all_sizes = None if one_weight_units else torch.cat([sizes[name] for name in names])
-    keep = _prune_lowest(ranked, all_sizes, target, closest=True)
+    keep = _prune_lowest(ranked, all_sizes, target, closest=True, out_of_race=max_sparsity is not None,
+                         dtype=torch.float32)
     return {name: k.to(_mask_dtype(current_keep[name])) for name, k in zip(names, keep.split(counts))}
 
 
@@ -487,27 +487,23 @@ def _common_unit_size(sizes: Iterable[torch.Tensor]) -> int | None:
     return common
 
 
-def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int, closest: bool) -> torch.Tensor:
-    """Keep-mask (bool) that prunes the lowest-ranked units up to ``target`` weights.
+def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int, closest: bool,
+                  out_of_race: bool = False, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Keep-mask (``dtype``, 1 keeps) that prunes the lowest-ranked units up to ``target`` weights.
 
-    In ``ranked``, already-pruned units are ``-inf`` and always pruned; units at ``+inf`` are
-    out of the race and never pruned. ``sizes=None`` means one weight per unit: then exactly
-    ``target`` (by ``topk``). Otherwise, in stable sort order, ``closest`` stops at whichever
-    side of the crossing unit is closer to the target (ties: fewer), and not ``closest`` stops
-    before it (for a cap: never above).
+    In ``ranked``, already-pruned units are ``-inf`` and always pruned; with ``out_of_race``,
+    units at ``+inf`` are out of the race and never pruned. ``sizes=None`` means one weight per
+    unit: then exactly ``target`` (by a threshold, :func:`_keep_above_kth`). Otherwise, in
+    stable sort order, ``closest`` stops at whichever side of the crossing unit is closer to the
+    target (ties: fewer), and not ``closest`` stops before it (for a cap: never above).
     """
     n = ranked.numel()
-    already = int(torch.isneginf(ranked).sum())
-    in_race = n - int(torch.isposinf(ranked).sum())
+    # count_nonzero: a bool .sum() first copies the mask to int64 (8 bytes per unit).
+    in_race = n - int(torch.count_nonzero(torch.isposinf(ranked))) if out_of_race else n
+    if sizes is None:  # already-pruned units (-inf) are pruned whatever the target (_keep_above_kth)
+        return _keep_above_kth(ranked, min(target, in_race), dtype)
+    already = int(torch.count_nonzero(torch.isneginf(ranked)))
     keep = torch.ones(n, dtype=torch.bool, device=ranked.device)
-    if sizes is None:
-        k = min(max(target, already), in_race)
-        if 2 * k <= n:
-            keep[torch.topk(ranked, k, largest=False, sorted=False).indices] = False
-        else:  # the shorter side: keep the n - k highest (already-pruned are below them all)
-            keep.fill_(False)
-            keep[torch.topk(ranked, n - k, largest=True, sorted=False).indices] = True
-        return keep
     order = torch.argsort(ranked, stable=True)
     cumulative = sizes[order].cumsum(0)
     target_t = torch.tensor([target], dtype=cumulative.dtype, device=cumulative.device)
@@ -523,7 +519,68 @@ def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int,
         k = int(torch.searchsorted(cumulative, target_t, right=True))
     k = min(max(k, already), in_race)
     keep[order[:k]] = False
-    return keep
+    return keep.to(dtype)
+
+
+_SAMPLE = 1 << 16  # values sampled to bracket the k-th smallest
+_EXACT_BELOW = 1 << 20  # below this many values, kthvalue directly
+
+
+def _count_ones(flags: torch.Tensor) -> int:
+    """The number of 1.0s in a float tensor of 0.0s and 1.0s. A float sum is several times faster
+    than counting a bool tensor, and exact: every partial sum is a whole number below 2**24."""
+    flat = flags.reshape(-1)
+    return sum(int(chunk.sum()) for chunk in flat.split(1 << 24)) if flat.numel() else 0
+
+
+def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value of the 1-D float32 ``x`` (1-based), exactly, as a 0-d tensor.
+
+    ``kthvalue`` (and ``topk``) run a single-threaded selection over all values. Instead, a
+    strided sample brackets the answer between two of its order statistics (a margin of about
+    eight standard deviations of the sample rank), one parallel pass counts the values below the
+    bracket, and ``kthvalue`` runs only on the values inside it (about 2% of them). If the answer
+    is not inside the bracket (a sample that misrepresents ``x``), it falls back to ``kthvalue``
+    over everything: always exact, only slower.
+    """
+    n = x.numel()
+    if n <= _EXACT_BELOW:
+        return x.kthvalue(k).values
+    sample = x[:: n // _SAMPLE].contiguous()
+    m = sample.numel()
+    at = (k - 0.5) * m / n
+    margin = 8.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 16
+    lo = sample.kthvalue(max(1, int(at - margin) + 1)).values
+    hi = sample.kthvalue(min(m, int(at + margin) + 2)).values
+    flags = torch.empty_like(x)
+    below = _count_ones(torch.le(x, lo, out=flags))
+    if below >= k:  # the answer is lo itself when it holds rank k among ties (e.g. -inf, the pruned)
+        if _count_ones(torch.lt(x, lo, out=flags)) < k:
+            return lo
+        return x.kthvalue(k).values
+    band = x[(x > lo).logical_and_(x <= hi)]
+    if k <= below + band.numel():
+        return band.kthvalue(k - below).values
+    return x.kthvalue(k).values
+
+
+def _keep_above_kth(ranked: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Keep-mask (``dtype``, 1 keeps) that prunes the ``k`` lowest of the 1-D float32 ``ranked``,
+    and always every ``-inf`` (already pruned), also when there are more than ``k`` of them. Ties
+    at the threshold are pruned in index order (deterministic, unlike ``topk``)."""
+    n = ranked.numel()
+    if k >= n:
+        return torch.zeros(n, dtype=dtype, device=ranked.device)
+    if k <= 0:  # nothing asked for: only the already pruned
+        return torch.gt(ranked, _PRUNED).to(dtype)
+    threshold = _kth_smallest(ranked, k)
+    # A float comparison written straight into the mask: faster than a bool one, then a copy.
+    keep = torch.gt(ranked, threshold, out=torch.empty(n, dtype=torch.float32, device=ranked.device))
+    surplus = k - (n - _count_ones(keep))  # < 0: more ties at the threshold than needed
+    if surplus < 0 and not torch.isneginf(threshold):  # the already pruned are never kept
+        ties = torch.nonzero(ranked == threshold).squeeze(1)
+        keep[ties[surplus:]] = 1.0  # the last -surplus ties stay
+    return keep.to(dtype)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:

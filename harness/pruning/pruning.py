@@ -3,7 +3,10 @@
 Masks live beside the parameters: the model keeps its own ``nn.Parameter`` objects, so
 the user's optimizer trains the very tensors that are pruned (LPOT 1.6 replaced them,
 and its users' optimizers went on training stale copies). Per optimizer step the cost
-is one in-place multiply per pruned tensor for the gradients and one for the weights.
+is one in-place multiply per pruned tensor for the gradients, done as backward
+accumulates each gradient (while it is still in cache), and one for the weights after
+the step; with ``optimizer=`` (or :meth:`Pruning.use_optimizer`) and a known optimizer the
+second one is not needed (see there).
 
 Example::
 
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +166,10 @@ class Pruning:
         self._explicit_steps = False  # on_before_optimizer_step is being called
         self._provisional_steps = 0  # batch ends counted as steps before the first explicit step
         self._step_pending = False
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._state_follows_masks = False  # the optimizer keeps pruned weights at 0 by itself
+        self._check_next_step = False  # verify that it did, after the next step
+        self._grad_hooks: list[Any] = []  # mask each gradient as backward accumulates it
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -183,6 +192,7 @@ class Pruning:
             what = (f"update_frequency_steps={p.update_frequency_steps}" if p.update_frequency_steps
                     else f"update_frequency={p.update_frequency} (a fraction of an epoch)")
             raise ValueError(f"{what}: pass attach(model, steps_per_epoch=len(train_loader))")
+        self._remove_grad_hooks()
         named = dict(model.named_parameters())
         self._model_params = named
         self.skipped = {}
@@ -213,11 +223,32 @@ class Pruning:
         self.masks = {name: torch.ones_like(t, memory_format=torch.contiguous_format).detach()
                       for name, t in self.params.items()}
         if optimizer is not None:
-            self._hooks = [
-                optimizer.register_step_pre_hook(lambda *_: self._before_step()),
-                optimizer.register_step_post_hook(lambda *_: self._after_step()),
-            ]
+            self.use_optimizer(optimizer)
         return self
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask around every real step of ``optimizer`` through its step hooks (as ``attach(optimizer=)``).
+
+        For SGD, Adam, AdamW, NAdam, RAdam, Adamax, RMSprop and Adagrad (eps > 0) the engine also
+        zeroes their per-weight state of the pruned weights at each mask update; a pruned weight
+        then has a zero gradient, zero state and a zero value, so the step leaves it at exactly 0
+        and the per-step re-masking of the weights is skipped (one pass over the pruned tensors
+        per step instead of two). Other optimizers keep the re-masking after each step. The first
+        step after each mask update checks that the pruned weights stayed at 0; if something
+        between backward and the step changed their gradients (noise added to ``.grad``, say),
+        the engine warns once and re-masks after every step from then on.
+        """
+        self._require_attached()
+        for hook in self._hooks:
+            hook.remove()
+        self._optimizer = optimizer
+        self._state_follows_masks = _elementwise(optimizer)
+        self._check_next_step = self._state_follows_masks
+        _zero_pruned_state(optimizer, [(self.params[n], self.masks[n]) for n in self.masks])
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda *_: self._before_step()),
+            optimizer.register_step_post_hook(lambda *_: self._after_step()),
+        ]
 
     def _skip_unfit(self, names: list[str], pattern: MaskPattern, spec: ResolvedPruner,
                     default: list[str]) -> list[str]:
@@ -247,10 +278,12 @@ class Pruning:
 
     def on_train_begin(self) -> None:
         self._require_attached()
+        self._add_grad_hooks()
 
     def on_epoch_begin(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self._epoch_start_step = self.global_step
+        self._add_grad_hooks()  # for loops that skip on_train_begin
         self._update_due()
 
     def on_batch_begin(self, step: int = 0) -> None:
@@ -282,6 +315,7 @@ class Pruning:
         pass
 
     def on_train_end(self) -> None:
+        self._remove_grad_hooks()
         self.apply_masks()
 
     # -- masks ----------------------------------------------------------------------------
@@ -327,6 +361,8 @@ class Pruning:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._remove_grad_hooks()
+        self._optimizer, self._state_follows_masks = None, False
         return model
 
     # -- checkpointing --------------------------------------------------------------------
@@ -354,6 +390,9 @@ class Pruning:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self._epoch_start_step = state["epoch_start_step"]
         self.apply_masks()
+        if self._optimizer is not None:
+            _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in self.masks])
+            self._check_next_step = self._state_follows_masks
 
     # -- internals ------------------------------------------------------------------------
 
@@ -362,21 +401,58 @@ class Pruning:
             raise RuntimeError("call Pruning.attach(model) before training")
         return self.model
 
+    def _add_grad_hooks(self) -> None:
+        """Mask each pruned tensor's gradient as soon as backward has accumulated it: the same
+        multiply as before the step, but on a gradient that was just written and is still in cache.
+        Registered for training only (``on_train_begin`` to ``on_train_end``), so that a model that
+        is attached first and trained dense later (the runner's baseline) pays nothing."""
+        if self._grad_hooks:
+            return
+        for name, param in self.params.items():
+            # The mask tensor is updated in place, never replaced, so the hook can hold it.
+            self._grad_hooks.append(param.register_post_accumulate_grad_hook(
+                functools.partial(_mask_gradient, self.masks[name])))
+
+    def _remove_grad_hooks(self) -> None:
+        for hook in self._grad_hooks:
+            hook.remove()
+        self._grad_hooks = []
+
     @torch.no_grad()
     def _before_step(self) -> None:
+        masked_in_backward = bool(self._grad_hooks)
         for pruner in self._pruners:
             observe = pruner.scorer.needs_gradients and self.epoch <= pruner.spec.end_epoch
+            if masked_in_backward and not observe:
+                continue
             for name in pruner.names:
                 param = self.params[name]
                 if param.grad is None:
                     continue
-                param.grad.mul_(self.masks[name])
+                if not masked_in_backward:
+                    param.grad.mul_(self.masks[name])
                 if observe:
                     pruner.scorer.observe(name, param)
 
     def _after_step(self) -> None:
         self.global_step += 1
-        self.apply_masks()
+        if not self._state_follows_masks:
+            self.apply_masks()
+        elif self._check_next_step:
+            self._check_next_step = False
+            self._check_pruned_stayed_zero()
+
+    @torch.no_grad()
+    def _check_pruned_stayed_zero(self) -> None:
+        """After the first step past a mask update: fall back to re-masking after every step if
+        the optimizer moved a pruned weight (its gradient was changed after backward)."""
+        moved = [name for name, param in self.params.items()
+                 if int(torch.count_nonzero(param)) != int(torch.count_nonzero(param * self.masks[name]))]
+        if moved:
+            warnings.warn(f"pruning: the optimizer step moved pruned weights of {moved[0]} (a gradient changed "
+                          "after backward?); re-masking the weights after every step from now on", stacklevel=2)
+            self._state_follows_masks = False
+            self.apply_masks()
 
     def _update_due(self) -> None:
         self._require_attached()
@@ -415,6 +491,9 @@ class Pruning:
         for name in pruner.names:
             self.params[name].mul_(self.masks[name])
             scorer.after_update(name)
+        if self._optimizer is not None:
+            _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in pruner.names])
+            self._check_next_step = self._state_follows_masks
         pruner.clock.scheduled = sparsity
         pruner.clock.updated = True
 
@@ -431,6 +510,30 @@ class Pruning:
             sparsity={r.name: r.sparsity for r in rows},
             overall=overall_sparsity(rows),
         )
+
+
+# Optimizers whose update of a weight depends only on that weight, its gradient and its own
+# state entries, and is exactly 0 when all three are 0 (eps > 0 keeps 0 / (0 + eps) at 0).
+_ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+                torch.optim.Adamax, torch.optim.RMSprop, torch.optim.Adagrad)
+
+
+def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer) in _ELEMENTWISE and all(g.get("eps", 1.0) > 0 for g in optimizer.param_groups)
+
+
+@torch.no_grad()
+def _zero_pruned_state(optimizer: torch.optim.Optimizer, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Zero the optimizer's per-weight state (momentum, moments) of the pruned weights."""
+    for param, mask in pairs:
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.mul_(mask)
+
+
+def _mask_gradient(mask: torch.Tensor, param: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.grad.mul_(mask)
 
 
 def _spec_from_yaml(path: Path) -> PruningSpec:
