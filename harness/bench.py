@@ -22,7 +22,13 @@ c. global magnitude selection over resnet50's 25.5M conv/linear weights against 
    concatenated abs + kthvalue pass, and against ``torch.nn.utils.prune``;
 d. the engine's ``apply_masks`` against an in-place ``copy_`` of the same tensors;
 e. a default run with MLflow tracking against the same run with ``tracking=none``;
-f. a 30-trial sweep through ``python -m harness --multirun`` against a plain Optuna loop.
+f. a 30-trial sweep through ``python -m harness --multirun`` against a plain Optuna loop;
+g. the unstructured export (``sparsify_linears``) of an MLP pruned by the engine to 90% and 95%,
+   against the dense model, with plain ``torch.sparse`` CSR (MKL) for every layer beside it;
+h. the channel export (``remove_pruned_channels``) of resnet18 with 50% of its channels pruned by
+   the engine, against the dense model, with the masked (not removed) model beside it;
+i. the compressed checkpoint of the 90% MLP against its dense ``torch.save``, with a sparse COO
+   ``torch.save`` beside it.
 """
 
 from __future__ import annotations
@@ -99,11 +105,17 @@ class Settings:
     budget_d: float = 6.0
     budget_e: float = 60.0
     budget_f: float = 220.0
+    budget_g: float = 12.0  # per sparsity
+    budget_h: float = 20.0
     min_repeats: int = 3
     e_overrides: tuple[str, ...] = ()  # the default run
     f_trials: int = 30
     f_overrides: tuple[str, ...] = ("train.finetune_epochs=2", "prune.end_epoch=1")
     f_pairs: int = 2
+    export_hidden: int = 2048
+    export_batch: int = 64
+    surgery_model: str = "resnet18"
+    surgery_batch: int = 8
 
     @classmethod
     def quick_sizes(cls) -> Settings:
@@ -112,7 +124,8 @@ class Settings:
                    budget_b=2.0, budget_c=2.0, budget_d=1.0, budget_e=1.0, budget_f=1.0, min_repeats=3,
                    e_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
                    f_trials=1, f_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
-                   f_pairs=1)
+                   f_pairs=1, export_hidden=256, export_batch=16, surgery_model="small_cnn", surgery_batch=4,
+                   budget_g=1.0, budget_h=1.0)
 
 
 @dataclass
@@ -238,12 +251,13 @@ class Trainer:
 class EngineArm:
     """The engine in a plain loop: its callbacks around each step, a mask update every ``every`` steps.
 
-    The schedule has reached its target (``initial = target = 90%``, linear), so every update
-    recomputes the masks at 90% from the current scores. ``rewind()`` (untimed) loads a
-    ``state_dict`` whose clock stands at step ``every``: the next step is a scheduled update.
-    With ``with_optimizer`` the engine is also given the optimizer (``attach(optimizer=...)``,
-    as the README offers): its step hooks then do the per-step masking, and the step callbacks,
-    still called, leave it to them.
+    Every timed update is a real recomputation that changes the masks: ``rewind()`` (untimed)
+    loads the engine's ``state_dict`` and the weights as they were at 89% (after the schedule's
+    first update), with the clock at step ``every``, so that the next step re-scores every
+    weight and prunes from 89% to 90% (linear schedule, ``initial_sparsity`` 0.89, ending at
+    step ``every``). Normal steps run at 90%, after that update. With ``with_optimizer`` the
+    engine is also given the optimizer (``attach(optimizer=...)``, as the README offers): its
+    step hooks then do the per-step masking, and the step callbacks, still called, leave it to them.
     """
 
     def __init__(self, trainer: Trainer, scope: str = "per_tensor", every: int = UPDATE_EVERY,
@@ -251,22 +265,28 @@ class EngineArm:
         from harness.pruning import Pruning
 
         self.trainer = trainer
-        spec = {"initial_sparsity": SPARSITY, "target_sparsity": SPARSITY, "schedule": "linear",
+        spec = {"initial_sparsity": SPARSITY - 0.01, "target_sparsity": SPARSITY, "schedule": "linear",
                 "start_epoch": 0, "end_epoch": 1, "update_frequency_steps": every, "scope": scope}
-        self.pruning = Pruning(spec).attach(trainer.model, steps_per_epoch=10**7,
+        self.pruning = Pruning(spec).attach(trainer.model, steps_per_epoch=every,
                                             optimizer=trainer.optimizer if with_optimizer else None)
         self.pruning.on_train_begin()
-        self.pruning.on_epoch_begin(0)  # the first update (step 0)
+        self.pruning.on_epoch_begin(0)  # the first update (step 0): 89%
         self.every = every
         self.step()
         state = self.pruning.state_dict()
         self._at_update = {**state, "global_step": every, "epoch_start_step": 0}
+        self._weights = {name: p.detach().clone() for name, p in self.pruning.params.items()}
+        self.rewind()
+        self.step()  # the update to 90%; the steps after it run at 90% with no further update
 
     def step(self) -> None:
         self.pruning.on_batch_begin()
         self.trainer.step(self.pruning.on_before_optimizer_step, self.pruning.on_batch_end)
 
+    @torch.no_grad()
     def rewind(self) -> None:
+        for name, param in self.pruning.params.items():
+            param.copy_(self._weights[name])
         self.pruning.load_state_dict(self._at_update)
 
     def last_update_step(self) -> int:
@@ -755,6 +775,115 @@ def item_f(ctx: Context) -> list[Result]:
     return [result("f. sweep / plain Optuna loop", ratio, 1.25, "-", details)]
 
 
+# -- g, h, i. what pruning buys: the exports ---------------------------------------------------------
+
+
+def pruned_by_engine(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """``model`` pruned in one shot by the engine as configured (magnitude), masks baked in."""
+    from harness.pruning import Pruning
+
+    pruning = Pruning({"schedule": "one_shot", **spec}).attach(model, steps_per_epoch=1)
+    pruning.on_epoch_begin(0)
+    return pruning.finalize().eval()
+
+
+def forward_arm(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+    @torch.inference_mode()
+    def run() -> None:
+        model(x)
+
+    return timed(run)
+
+
+def item_g(ctx: Context) -> list[Result]:
+    from harness.export import sparsify_linears
+
+    s = ctx.settings
+    rows = []
+    for sparsity, target in ((0.9, 0.45), (0.95, 0.25)):
+        torch.manual_seed(0)
+        dense = mlp(s.export_hidden).eval()
+        pruned = pruned_by_engine(copy.deepcopy(dense), {"target_sparsity": sparsity})
+        x = torch.randn(s.export_batch, 784)
+        ours, choices = sparsify_linears(pruned, x, threads=ctx.threads)
+        peer, _ = sparsify_linears(pruned, x, kinds=("csr_mkl",), min_speedup=0.0, threads=ctx.threads)
+        with torch.inference_mode():
+            error = max(float((ours(x) - pruned(x)).abs().max()), float((peer(x) - pruned(x)).abs().max()))
+        t = interleave({"dense": forward_arm(dense, x), "ours": forward_arm(ours, x), "peer": forward_arm(peer, x)},
+                       budget_s=s.budget_g, min_repeats=10, max_repeats=400, rounds=5)
+        ratio, peer_ratio = median_ratio(t["ours"], t["dense"]), median_ratio(t["peer"], t["dense"])
+        label = f"MLP 784-{s.export_hidden}-{s.export_hidden}-10 b{s.export_batch} {sparsity:.0%}"
+        kinds = ", ".join(f"{c.name} {c.kind}" for c in choices)
+        details = (f"{label}, pruned by the engine (magnitude, per tensor): forward median dense {ms(t['dense'])}, "
+                   f"exported {ms(t['ours'])}, torch.sparse CSR (MKL addmm) for every layer {ms(t['peer'])}; "
+                   f"layers: {kinds}; largest output difference to the masked model {error:.1e}; "
+                   f"{len(t['dense'])} interleaved repeats of 5 rounds")
+        rows.append(result(f"g. sparse export / dense, {label}", ratio, target,
+                           f"torch.sparse CSR {peer_ratio:.3f}x", details))
+    return rows
+
+
+def item_h(ctx: Context) -> list[Result]:
+    from harness.export import count_macs, remove_pruned_channels
+
+    s = ctx.settings
+    torch.manual_seed(0)
+    dense = torchvision_model(s.surgery_model).eval()
+    with torch.no_grad():  # BatchNorm statistics as after training, so that removed channels matter
+        for m in dense.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+    masked = pruned_by_engine(copy.deepcopy(dense), {"target_sparsity": 0.5, "pattern": "channel"})
+    x = torch.randn(s.surgery_batch, 3, s.resnet_image, s.resnet_image)
+    small = remove_pruned_channels(masked, x).eval()
+    with torch.inference_mode():
+        error = float((small(x) - masked(x)).abs().max())
+    t = interleave({"dense": forward_arm(dense, x), "small": forward_arm(small, x),
+                    "masked": forward_arm(masked, x)}, budget_s=s.budget_h, min_repeats=5, max_repeats=200, rounds=3)
+    ratio, masked_ratio = median_ratio(t["small"], t["dense"]), median_ratio(t["masked"], t["dense"])
+    params = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in dense.parameters())
+    label = f"{s.surgery_model} b{s.surgery_batch} {s.resnet_image}x{s.resnet_image}, 50% channels"
+    details = (f"{label} (prune=channel's selection, L1, every conv but none of the output layer): forward "
+               f"median dense {ms(t['dense'])}, channels removed {ms(t['small'])}, masked {ms(t['masked'])}; "
+               f"MACs {count_macs(dense, x)[0]:,} -> {count_macs(small, x)[0]:,}, parameters {params:.0%} of dense; "
+               f"largest output difference to the masked model {error:.1e}; {len(t['dense'])} interleaved repeats")
+    return [result(f"h. channels removed / dense, {label}", ratio, 0.6, f"masked, not removed {masked_ratio:.3f}x",
+                   details)]
+
+
+def item_i(ctx: Context) -> list[Result]:
+    from harness.export import load_compressed, save_compressed
+
+    s = ctx.settings
+    torch.manual_seed(0)
+    rows = []
+    for sparsity in (0.9, 0.95):
+        pruned = pruned_by_engine(mlp(s.export_hidden), {"target_sparsity": sparsity})
+        state = pruned.state_dict()
+        folder = ctx.workdir / f"i-{sparsity}"
+        folder.mkdir(parents=True, exist_ok=True)
+        report = save_compressed(pruned, folder / "compressed.pt")
+        torch.save(state, folder / "dense.pt")
+        torch.save({k: v.to_sparse() for k, v in state.items()}, folder / "coo.pt")
+        loaded = load_compressed(folder / "compressed.pt")
+        exact = all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) for k, v in state.items())
+        dense_bytes = (folder / "dense.pt").stat().st_size
+        ratio = (folder / "compressed.pt").stat().st_size / dense_bytes
+        coo = (folder / "coo.pt").stat().st_size / dense_bytes
+        # The bound of a bitmask format: the non-zero values (biases included), one bit per value,
+        # and 1% for the file's framing.
+        density = sum(int(torch.count_nonzero(v)) for v in state.values()) / sum(v.numel() for v in state.values())
+        target = round(density + 1 / 32 + 0.01, 3)
+        label = f"MLP 784-{s.export_hidden}-{s.export_hidden}-10 {sparsity:.0%}"
+        details = (f"{label}: files on disk, compressed {report.compressed_bytes:,} B of payload, "
+                   f"{(folder / 'compressed.pt').stat().st_size:,} B file vs torch.save {dense_bytes:,} B; "
+                   f"loads back bit-exact: {'yes' if exact else 'NO'}")
+        rows.append(result(f"i. compressed checkpoint / torch.save, {label}", ratio if exact else math.nan, target,
+                           f"torch.save of COO tensors {coo:.3f}x", details))
+    return rows
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 ITEMS: dict[str, tuple[str, Callable[[Context], list[Result]]]] = {
@@ -764,6 +893,9 @@ ITEMS: dict[str, tuple[str, Callable[[Context], list[Result]]]] = {
     "d": ("mask application", item_d),
     "e": ("tracking overhead", item_e),
     "f": ("sweep overhead", item_f),
+    "g": ("unstructured export: sparse linear kernels", item_g),
+    "h": ("channel export: channels removed", item_h),
+    "i": ("compressed checkpoint", item_i),
 }
 
 

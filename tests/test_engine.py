@@ -207,3 +207,7 @@ def test_finalize_returns_the_plain_model_with_masks_baked_in():
     assert plain is model and type(plain) is nn.Sequential
     assert not plain._forward_pre_hooks and not plain[0]._forward_pre_hooks
     assert all(r.sparsity == pytest.approx(0.5, abs=0.01) for r in pruning.sparsity())
+    # Pruned weights are +0.0 (no -0.0 left by masking negative weights), survivors unchanged.
+    for name, param in pruning.params.items():
+        assert not torch.signbit(param[pruning.masks[name] == 0]).any(), name
+        assert torch.count_nonzero(param[pruning.masks[name] == 1]) == int(pruning.masks[name].sum()), name

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.pruning.patterns import (
+    _PRUNED,
     NM,
     Block,
     Channel,
@@ -429,9 +430,10 @@ def test_global_runs_over_25_million_weights():
 
 
 def _stable_reference(ranked: torch.Tensor, k: int) -> torch.Tensor:
-    """Prune the ``k`` lowest by (value, index), and every -inf: a stable sort, the slow reference."""
+    """Prune the ``k`` lowest by (value, index), and every already pruned one: a stable sort, the
+    slow reference."""
     keep = torch.ones(ranked.numel(), dtype=torch.bool)
-    keep[torch.argsort(ranked, stable=True)[: max(k, int(torch.isneginf(ranked).sum()))]] = False
+    keep[torch.argsort(ranked, stable=True)[: max(k, int((ranked == _PRUNED).sum()))]] = False
     return keep
 
 
@@ -441,20 +443,20 @@ def _large(kind: str) -> torch.Tensor:
     values = torch.rand(n, generator=g)
     if kind == "ties":  # a handful of distinct values: the threshold sits inside a huge tie
         values = torch.randint(0, 4, (n,), generator=g).float()
-    elif kind == "already_pruned":  # 60% pruned earlier (-inf)
-        values[: int(0.6 * n)] = -math.inf
+    elif kind == "already_pruned":  # 60% pruned earlier
+        values[: int(0.6 * n)] = _PRUNED
     elif kind == "sorted":
         values = values.sort().values
     elif kind == "periodic":  # the strided sample sees one value only: the bracket misses
         values = (torch.arange(n) % (n // (1 << 16))).float()
     elif kind == "capped":  # units out of the race (+inf) and already pruned ones
         values[::3] = math.inf
-        values[1::7] = -math.inf
+        values[1::7] = _PRUNED
     return values
 
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "already_pruned", "sorted", "periodic", "capped"])
-@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.999])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.9, 0.999])
 def test_threshold_selection_is_exact_on_large_tensors(kind, fraction):
     """The sampled threshold selection over millions of units prunes exactly the units a stable
     sort would (ties in index order), whatever the distribution; a sample that misleads it only
@@ -466,3 +468,9 @@ def test_threshold_selection_is_exact_on_large_tensors(kind, fraction):
     k = min(round(fraction * ranked.numel()), in_race)
     assert torch.equal(_keep_above_kth(ranked, k), _stable_reference(ranked, k))
     assert torch.equal(_keep_above_kth(ranked, k, torch.float32), _stable_reference(ranked, k).float())
+
+
+def test_negative_scores_are_refused():
+    """Pruned units rank at -1 below every score, so scores must be >= 0 (every criterion's are)."""
+    with pytest.raises(ValueError, match=r"scores: -0\.5 is negative"):
+        Unstructured().mask(torch.tensor([1.0, -0.5]), 0.5, torch.ones(2))

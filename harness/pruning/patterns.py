@@ -41,7 +41,7 @@ __all__ = [
     "unstructured_mask",
 ]
 
-_PRUNED = -math.inf  # the rank of an already-pruned unit: below every live one
+_PRUNED = -1.0  # the rank of an already-pruned unit: below every live one (scores are >= 0)
 
 
 def pruned_count(numel: int, sparsity: float) -> int:
@@ -55,6 +55,19 @@ def pruned_count(numel: int, sparsity: float) -> int:
 def _check_sparsity(sparsity: float, key: str = "sparsity") -> None:
     if not 0.0 <= sparsity <= 1.0:  # also rejects NaN
         raise ValueError(f"{key}={sparsity}: must be in [0, 1]")
+
+
+def _ranked(scores: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1-D float32 ranks: the scores (>= 0) of live units, ``_PRUNED`` for pruned ones (keep 0).
+
+    ``(keep - 1) + scores * keep``: two vectorised float passes, exact for live units (a bool
+    ``masked_fill`` takes several times as long on this machine's CPUs).
+    """
+    scores = scores.detach().reshape(-1).to(torch.float32)
+    if scores.numel() and float(scores.min()) < 0:
+        raise ValueError(f"scores: {float(scores.min())} is negative; criteria score weights >= 0")
+    keep = keep.reshape(-1).to(device=scores.device, dtype=torch.float32)  # no copy when already so
+    return torch.sub(keep, 1.0, out=out).addcmul_(scores, keep)
 
 
 def _mask_dtype(mask: torch.Tensor) -> torch.dtype:
@@ -108,7 +121,8 @@ class MaskPattern:
         live = self.unit_scores(mask.ne(0).to(torch.float32)) > 0
         return live.to(_mask_dtype(mask))
 
-    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The new weight mask of one tensor: prune its lowest units, already-pruned first.
 
         Prunes until ``round(sparsity * numel)`` weights are pruned; with equal units that is
@@ -120,9 +134,11 @@ class MaskPattern:
             scores: the criterion's scores, the parameter's shape (>= 0).
             sparsity: the fraction of weights to prune, in [0, 1].
             current_mask: the mask in force (1 keeps, 0 prunes).
+            out: optional contiguous tensor of the mask's shape to write the mask into (it may be
+                ``current_mask`` itself: the engine updates its masks in place).
 
         Returns:
-            The mask, of ``scores.shape`` and the dtype of ``current_mask``.
+            The mask, of ``scores.shape`` and the dtype of ``current_mask`` (``out`` when given).
         """
         _check_sparsity(sparsity)
         keep = select_global(
@@ -131,7 +147,7 @@ class MaskPattern:
             {"": self.unit_keep(current_mask)},
             sparsity,
         )[""]
-        return self.expand(keep, scores.shape).to(_mask_dtype(current_mask))
+        return _into(self.expand(keep, scores.shape).to(_mask_dtype(current_mask)), out)
 
     def __repr__(self) -> str:
         return type(self).__name__.lower()
@@ -163,12 +179,14 @@ class Unstructured(_OneWeightUnits):
         # tensor([1., 0., 0., 1.])
     """
 
-    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         _check_sparsity(sparsity)
-        ranked = scores.detach().reshape(-1).to(torch.float32).masked_fill(current_mask.reshape(-1) == 0, _PRUNED)
-        # Already pruned (-inf) stays pruned, even if fewer are asked for now.
-        keep = _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), _mask_dtype(current_mask))
-        return keep.view(scores.shape)
+        ranked = _ranked(scores, current_mask)
+        # Already pruned stays pruned, even if fewer are asked for now (_keep_above_kth).
+        keep = _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), _mask_dtype(current_mask),
+                               out=None if out is None else out.view(-1))
+        return out if out is not None else keep.view(scores.shape)
 
 
 class NM(_OneWeightUnits):
@@ -211,7 +229,8 @@ class NM(_OneWeightUnits):
                 "exclude it"
             )
 
-    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         _check_sparsity(sparsity)
         if sparsity > 1 - self.n / self.m + 1e-9:
             raise ValueError(
@@ -225,7 +244,7 @@ class NM(_OneWeightUnits):
         k = pruned_count(self.m, sparsity)
         if k > 0:
             keep.scatter_(1, torch.topk(ranked, k, dim=1, largest=False, sorted=False).indices, False)
-        return self._ungroup(keep, scores.shape).to(_mask_dtype(current_mask))
+        return _into(self._ungroup(keep, scores.shape).to(_mask_dtype(current_mask)), out)
 
     @staticmethod
     def _input_last(t: torch.Tensor) -> torch.Tensor:
@@ -431,14 +450,13 @@ def select_global(
     if not names:
         return {}
 
-    # One ranking of every unit: scores, with already-pruned units at -inf.
+    # One ranking of every unit: scores, with already-pruned units at _PRUNED.
     device = unit_scores[names[0]].device
     counts = [unit_scores[name].numel() for name in names]
     ranked = torch.empty(sum(counts), dtype=torch.float32, device=device)
     ranked_of = dict(zip(names, ranked.split(counts)))
     for name, chunk in ranked_of.items():
-        chunk.copy_(unit_scores[name].detach().reshape(-1))
-        chunk.masked_fill_(current_keep[name].reshape(-1).to(device).eq(0), _PRUNED)
+        _ranked(unit_scores[name], current_keep[name], out=chunk)
     weights = {name: _total(unit_sizes[name].reshape(-1)) for name in names}
     one_weight_units = sum(weights.values()) == ranked.numel()  # sizes are >= 1
     sizes = {} if one_weight_units else {
@@ -491,7 +509,7 @@ def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int,
                   out_of_race: bool = False, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """Keep-mask (``dtype``, 1 keeps) that prunes the lowest-ranked units up to ``target`` weights.
 
-    In ``ranked``, already-pruned units are ``-inf`` and always pruned; with ``out_of_race``,
+    In ``ranked``, already-pruned units are ``_PRUNED`` and always pruned; with ``out_of_race``,
     units at ``+inf`` are out of the race and never pruned. ``sizes=None`` means one weight per
     unit: then exactly ``target`` (by a threshold, :func:`_keep_above_kth`). Otherwise, in
     stable sort order, ``closest`` stops at whichever side of the crossing unit is closer to the
@@ -500,9 +518,9 @@ def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int,
     n = ranked.numel()
     # count_nonzero: a bool .sum() first copies the mask to int64 (8 bytes per unit).
     in_race = n - int(torch.count_nonzero(torch.isposinf(ranked))) if out_of_race else n
-    if sizes is None:  # already-pruned units (-inf) are pruned whatever the target (_keep_above_kth)
+    if sizes is None:  # already-pruned units are pruned whatever the target (_keep_above_kth)
         return _keep_above_kth(ranked, min(target, in_race), dtype)
-    already = int(torch.count_nonzero(torch.isneginf(ranked)))
+    already = int(torch.count_nonzero(ranked == _PRUNED))
     keep = torch.ones(n, dtype=torch.bool, device=ranked.device)
     order = torch.argsort(ranked, stable=True)
     cumulative = sizes[order].cumsum(0)
@@ -533,7 +551,7 @@ def _count_ones(flags: torch.Tensor) -> int:
     return sum(int(chunk.sum()) for chunk in flat.split(1 << 24)) if flat.numel() else 0
 
 
-def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_smallest(x: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k``-th smallest value of the 1-D float32 ``x`` (1-based), exactly, as a 0-d tensor.
 
     ``kthvalue`` (and ``topk``) run a single-threaded selection over all values. Instead, a
@@ -541,7 +559,7 @@ def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     eight standard deviations of the sample rank), one parallel pass counts the values below the
     bracket, and ``kthvalue`` runs only on the values inside it (about 2% of them). If the answer
     is not inside the bracket (a sample that misrepresents ``x``), it falls back to ``kthvalue``
-    over everything: always exact, only slower.
+    over everything: always exact, only slower. ``scratch``: a float32 buffer like ``x`` to count in.
     """
     n = x.numel()
     if n <= _EXACT_BELOW:
@@ -552,9 +570,9 @@ def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     margin = 8.0 * math.sqrt(m * (k / n) * (1 - k / n)) + 16
     lo = sample.kthvalue(max(1, int(at - margin) + 1)).values
     hi = sample.kthvalue(min(m, int(at + margin) + 2)).values
-    flags = torch.empty_like(x)
+    flags = scratch if scratch is not None else torch.empty_like(x)
     below = _count_ones(torch.le(x, lo, out=flags))
-    if below >= k:  # the answer is lo itself when it holds rank k among ties (e.g. -inf, the pruned)
+    if below >= k:  # the answer is lo itself when it holds rank k among ties (e.g. the already pruned)
         if _count_ones(torch.lt(x, lo, out=flags)) < k:
             return lo
         return x.kthvalue(k).values
@@ -564,23 +582,35 @@ def _kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k).values
 
 
-def _keep_above_kth(ranked: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+def _keep_above_kth(ranked: torch.Tensor, k: int, dtype: torch.dtype = torch.bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask (``dtype``, 1 keeps) that prunes the ``k`` lowest of the 1-D float32 ``ranked``,
-    and always every ``-inf`` (already pruned), also when there are more than ``k`` of them. Ties
-    at the threshold are pruned in index order (deterministic, unlike ``topk``)."""
+    and always every ``_PRUNED`` (already pruned), also when there are more than ``k`` of them.
+    Ties at the threshold are pruned in index order (deterministic, unlike ``topk``). Written into
+    ``out`` (1-D, any float dtype) when given."""
     n = ranked.numel()
+    # Float comparisons written straight into a float32 buffer, and counted by a float sum: both
+    # several times faster than with bool tensors. A float32 ``out`` is that buffer itself.
+    exact = out is not None and out.dtype == torch.float32
+    keep = out if exact else torch.empty(n, dtype=torch.float32, device=ranked.device)
     if k >= n:
-        return torch.zeros(n, dtype=dtype, device=ranked.device)
-    if k <= 0:  # nothing asked for: only the already pruned
-        return torch.gt(ranked, _PRUNED).to(dtype)
-    threshold = _kth_smallest(ranked, k)
-    # A float comparison written straight into the mask: faster than a bool one, then a copy.
-    keep = torch.gt(ranked, threshold, out=torch.empty(n, dtype=torch.float32, device=ranked.device))
-    surplus = k - (n - _count_ones(keep))  # < 0: more ties at the threshold than needed
-    if surplus < 0 and not torch.isneginf(threshold):  # the already pruned are never kept
-        ties = torch.nonzero(ranked == threshold).squeeze(1)
-        keep[ties[surplus:]] = 1.0  # the last -surplus ties stay
-    return keep.to(dtype)
+        keep.zero_()
+    elif k <= 0:  # nothing asked for: only the already pruned
+        torch.gt(ranked, _PRUNED, out=keep)
+    else:
+        threshold = _kth_smallest(ranked, k, keep)
+        torch.gt(ranked, threshold, out=keep)
+        surplus = k - (n - _count_ones(keep))  # < 0: more ties at the threshold than needed
+        if surplus < 0 and float(threshold) > _PRUNED:  # the already pruned are never kept
+            ties = torch.nonzero(ranked == threshold).squeeze(1)
+            keep[ties[surplus:]] = 1.0  # the last -surplus ties stay
+    if out is None:
+        return keep.to(dtype)
+    return out if exact else out.copy_(keep)
+
+
+def _into(mask: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return mask if out is None else out.copy_(mask)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor) -> torch.Tensor:

@@ -355,9 +355,15 @@ class Pruning:
         return planned
 
     def finalize(self) -> nn.Module:
-        """Bake the masks into the weights and hand back the plain model (its own parameters, no hooks)."""
+        """Bake the masks into the weights and hand back the plain model (its own parameters, no hooks).
+
+        Pruned weights are +0.0: masking a negative weight gives -0.0, which compares equal to 0
+        but would cost a compressed checkpoint one more bit per pruned weight to restore."""
         model = self._require_attached()
         self.apply_masks()
+        with torch.no_grad():
+            for param in self.params.values():
+                param.add_(0.0)  # -0.0 + 0.0 is +0.0; every other value stays as it is
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -487,7 +493,7 @@ class Pruning:
             capped = min(sparsity, spec.max_sparsity) if spec.max_sparsity is not None else sparsity
             for name in pruner.names:
                 mask = self.masks[name]
-                mask.copy_(pattern.mask(scorer.scores(name, self.params[name]), capped, mask))
+                pattern.mask(scorer.scores(name, self.params[name]), capped, mask, out=mask)
         for name in pruner.names:
             self.params[name].mul_(self.masks[name])
             scorer.after_update(name)
