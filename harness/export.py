@@ -30,7 +30,8 @@ transposed input). ``csr_mkl`` (``torch.addmm`` with a ``torch.sparse_csr_tensor
 layer at batch 64 in about 0.24 (90% sparse) and 0.14 (95%) of the dense time, MKL's CSR in 0.6-0.7
 and 0.3-0.4.
 
-``python -m harness.export`` prints the reference benchmarks (MLP, ResNet-18, digits CNN).
+``python -m harness.bench --only g,h,i`` measures the exports against the dense models and
+against plain ``torch.sparse``.
 """
 
 from __future__ import annotations
@@ -1009,92 +1010,6 @@ def semi_structured_2to4(model: nn.Module) -> nn.Module:
             continue
         module.weight = nn.Parameter(sparse, requires_grad=False)
     return out
-
-
-# -- reference benchmarks ---------------------------------------------------------------------
-
-
-def _benchmark(threads: int = 1, rounds: int = 30) -> None:  # pragma: no cover - prints timings
-    """Print the latency ratios of the project's reference cases (``python -m harness.export``)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {threads} thread(s); ratios are pruned/dense, timed interleaved")
-    for sparsity in (0.9, 0.95):
-        dense = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
-        pruned = copy.deepcopy(dense)
-        for m in pruned:
-            if isinstance(m, nn.Linear):
-                with torch.no_grad():
-                    m.weight.mul_(torch.rand_like(m.weight) >= sparsity)
-        x = torch.randn(64, 784)
-        fast, choices = sparsify_linears(pruned, x, threads=threads)
-        ms_dense, ms_fast = compare_latency(dense, fast, x, rounds=rounds, threads=threads)
-        kinds = ", ".join(f"{c.name}:{c.kind}" for c in choices)
-        print(f"MLP 784-2048-2048-10 batch 64, {sparsity:.0%} sparse: dense {ms_dense:.2f} ms, sparse "
-              f"{ms_fast:.2f} ms, ratio {ms_fast / ms_dense:.3f} ({kinds})")
-
-    resnet = torchvision.models.resnet18(num_classes=10).eval()
-    _randomize_norms(resnet)
-    x = torch.randn(8, 3, 64, 64)
-    for which in ("block-internal convs (conv1 of each block)", "every conv (prune=channel's selection)"):
-        masked = copy.deepcopy(resnet)
-        for name, m in masked.named_modules():
-            if isinstance(m, nn.Conv2d) and (which.startswith("every") or (
-                    name.startswith("layer") and name.endswith("conv1"))):
-                _zero_channels(m, 0.5)
-        small = remove_pruned_channels(masked, x)
-        ms_dense, ms_small = compare_latency(resnet, small, x, rounds=rounds, threads=threads)
-        print(f"resnet18 batch 8 64x64, 50% of the channels of {which}: dense {ms_dense:.2f} ms, "
-              f"channels removed {ms_small:.2f} ms, ratio {ms_small / ms_dense:.3f}; MACs "
-              f"{count_macs(resnet, x)[0]:,} -> {count_macs(small, x)[0]:,}")
-
-    from harness.models import DigitsCNN
-
-    digits = DigitsCNN().eval()
-    masked = copy.deepcopy(digits)
-    for m in masked.modules():
-        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m.out_features != 10):
-            _zero_channels(m, 0.5)
-    for batch in (1, 64):
-        x = torch.randn(batch, 1, 8, 8)
-        small = remove_pruned_channels(masked, x)
-        ms_dense, ms_small = compare_latency(digits, small, x, rounds=rounds, threads=threads)
-        print(f"digits CNN batch {batch}, 50% channels: dense {ms_dense:.3f} ms, channels removed "
-              f"{ms_small:.3f} ms, ratio {ms_small / ms_dense:.3f}")
-        unstructured = copy.deepcopy(digits)
-        for m in unstructured.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                with torch.no_grad():
-                    m.weight.mul_(torch.rand_like(m.weight) >= 0.9)
-        fast, choices = sparsify_linears(unstructured, x, threads=threads)
-        ms_dense, ms_fast = compare_latency(digits, fast, x, rounds=rounds, threads=threads)
-        kinds = ", ".join(f"{c.name}:{c.kind}" for c in choices)
-        print(f"digits CNN batch {batch}, 90% unstructured, sparse linears: dense {ms_dense:.3f} ms, "
-              f"{ms_fast:.3f} ms, ratio {ms_fast / ms_dense:.3f} ({kinds})")
-
-
-def _randomize_norms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-
-
-def _zero_channels(layer: nn.Module, fraction: float) -> None:
-    """Zero the ``fraction`` of output channels with the smallest L1 norm (what prune=channel does)."""
-    with torch.no_grad():
-        norms = layer.weight.flatten(1).abs().sum(1)
-        layer.weight[norms.argsort()[: round(fraction * len(norms))]] = 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    _benchmark(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 
 
 # -- what a run reports ---------------------------------------------------------------------

@@ -72,3 +72,21 @@ def test_rounds_interleave_step_by_step_and_keep_the_fastest():
 def test_unknown_items_are_rejected():
     with pytest.raises(SystemExit):
         bench.main(["--only", "a,z"])
+
+
+def test_quick_export_items_measure_the_exports_of_engine_pruned_models():
+    """g, h, i at tiny sizes: the exported models compute what the masked ones do, the compressed
+    checkpoint loads back bit-exact, and each line carries its peer."""
+    results = bench.main(["--quick", "--only", "g,h,i", "--threads", "2"])
+    assert [r.name[0] for r in results] == ["g", "g", "h", "h", "i", "i"]
+    assert results[2].name.endswith("1 thread") and results[3].name.endswith("2 threads")
+    for r in results:
+        assert math.isfinite(r.ratio) and r.ratio > 0, r
+        assert r.passed == (r.ratio <= r.target)
+    for r in results[:4]:
+        difference = float(r.details.split("largest output difference to the masked model ")[1].split(";")[0])
+        assert difference < 1e-4, r.details
+    assert "torch.sparse CSR" in results[0].peer_text and "masked, not removed" in results[2].peer_text
+    for r in results[4:]:
+        assert "loads back bit-exact: yes" in r.details
+        assert r.ratio < 0.5  # 90% and 95% sparse: far below the dense file

@@ -1,7 +1,7 @@
 """harness.export: MAC counts, sparse linear kernels, channel surgery, compressed checkpoints, 2:4.
 
-Timings are never asserted here (the machine is shared and noisy); ``python -m harness.export``
-prints the speed benchmarks.
+Timings are never asserted here (the machine is shared and noisy); ``python -m harness.bench``
+measures the speed-ups (items g, h, i).
 """
 
 from __future__ import annotations
