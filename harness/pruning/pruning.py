@@ -83,7 +83,8 @@ def count_sparsity(model: nn.Module, names: list[str]) -> list[TensorSparsity]:
     rows = []
     for name in names:
         t = params[name].detach()
-        rows.append(TensorSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum().item())))
+        # count_nonzero: several times faster than summing a bool ``t == 0`` (which widens it to int64)
+        rows.append(TensorSparsity(name, tuple(t.shape), t.numel(), t.numel() - int(torch.count_nonzero(t))))
     return rows
 
 
