@@ -9,7 +9,7 @@ Every number is a ratio of two (or more) arms measured in the same process, inte
 reported as the median over the repeats of the per-repeat ratio, so that a noisy, shared
 machine slows both arms of a repeat alike (see ``interleave``). Each item gets a time
 budget: it runs at least a few repeats and stops adding repeats when the next would not
-fit. On a machine that is busy when the bench starts, OpenMP waits passively
+fit. On a machine that other work keeps busy when the bench starts, OpenMP waits passively
 (``OMP_WAIT_POLICY=PASSIVE``): spin-waiting threads then make steps several times slower at
 random; on a quiet one it keeps its default (spin a while, then sleep), as a user's process
 does. An ``OMP_WAIT_POLICY`` in the environment wins; the header says which was used.
@@ -58,12 +58,24 @@ from pathlib import Path
 from typing import Any
 
 
-def _busy_machine() -> bool:
-    """Is the 1-minute load average already at half the usable cores, before the bench runs?"""
+def _busy_machine(window_s: float = 0.5) -> bool:
+    """Do other processes keep a third of a core or more busy right now? Read from /proc/stat
+    over ``window_s`` (the load average lags by minutes); elsewhere, from the load average."""
+
+    def cpu_times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
     try:
-        return os.getloadavg()[0] >= 0.5 * len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return False
+        total0, idle0 = cpu_times()
+        time.sleep(window_s)
+        total1, idle1 = cpu_times()
+        return (1 - (idle1 - idle0) / max(1, total1 - total0)) * (os.cpu_count() or 1) >= 0.33
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] >= 0.5 * len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return False
 
 
 # Set before torch loads OpenMP: on a shared machine whose cores are busy with other work,
