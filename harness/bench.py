@@ -110,6 +110,15 @@ class Result:
     peer_text: str  # the peer measured beside it (or reference numbers)
     details: str  # what was measured: arms, medians, repeats
 
+    @property
+    def ratio_text(self) -> str:
+        """Three decimals, or as many more as it takes not to round a miss onto its target."""
+        for digits in range(3, 7):
+            text = f"{self.ratio:.{digits}f}"
+            if self.passed or not math.isfinite(self.ratio) or float(text) > self.target:
+                break
+        return text
+
 
 def result(name: str, ratio: float, target: float, peer_text: str, details: str) -> Result:
     return Result(name, ratio, target, math.isfinite(ratio) and 0 < ratio <= target, peer_text, details)
@@ -956,7 +965,7 @@ def header(settings: Settings) -> str:
 
 def format_table(results: Sequence[Result]) -> str:
     rows = [("item", "ratio", "target", "result", "peer measured beside it")]
-    rows += [(r.name, f"{r.ratio:.3f}", f"<= {r.target:g}", "pass" if r.passed else "FAIL", r.peer_text)
+    rows += [(r.name, r.ratio_text, f"<= {r.target:g}", "pass" if r.passed else "FAIL", r.peer_text)
              for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]),
@@ -970,7 +979,7 @@ def format_table(results: Sequence[Result]) -> str:
 def format_markdown(results: Sequence[Result], head: str) -> str:
     lines = ["```", head, "```", "", "| item | ratio | target | result | peer measured beside it |",
              "|---|---:|---|---|---|"]
-    lines += [f"| {r.name} | {r.ratio:.3f} | <= {r.target:g} | {'pass' if r.passed else '**FAIL**'} | "
+    lines += [f"| {r.name} | {r.ratio_text} | <= {r.target:g} | {'pass' if r.passed else '**FAIL**'} | "
               f"{r.peer_text} |" for r in results]
     lines += ["", *[f"- **{r.name}**: {r.details}" for r in results if r.details]]
     return "\n".join(lines) + "\n"
