@@ -680,7 +680,7 @@ def item_e(ctx: Context) -> list[Result]:
         warm = time.perf_counter() - warm
         ctx.warmed.add(baseline_key(tracked))
         t = interleave({"mlflow": timed(run(tracked)), "none": timed(run(untracked))},
-                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=6)
+                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12)
     ratio = median_ratio(t["mlflow"], t["none"])
     what = "the default config" + (f" with {' '.join(s.e_overrides)}" if s.e_overrides else "")
     details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir; "
