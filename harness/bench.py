@@ -292,23 +292,20 @@ class EngineArm:
     loads the engine's ``state_dict`` and the weights as they were at 89% (after the schedule's
     first update), with the clock at step ``every``, so that the next step re-scores every
     weight and prunes from 89% to 90% (linear schedule, ``initial_sparsity`` 0.89, ending at
-    step ``every``). Normal steps run at 90%, after that update. With ``with_optimizer`` the
-    engine is also given the optimizer (``attach(optimizer=...)``, as the README offers): its
-    step hooks then do the per-step masking, and the step callbacks, still called, leave it to them.
+    step ``every``). Normal steps run at 90%, after that update. The engine is also given the
+    optimizer (``attach(optimizer=...)``, as the README offers, and as the harness's own loop
+    does): its step hooks count the steps, and the step callbacks, still called, leave it to them.
     """
 
-    def __init__(self, trainer: Trainer, scope: str = "per_tensor", every: int = UPDATE_EVERY,
-                 with_optimizer: bool = True) -> None:
+    def __init__(self, trainer: Trainer, scope: str = "per_tensor", every: int = UPDATE_EVERY) -> None:
         from harness.pruning import Pruning
 
         self.trainer = trainer
         spec = {"initial_sparsity": SPARSITY - 0.01, "target_sparsity": SPARSITY, "schedule": "linear",
                 "start_epoch": 0, "end_epoch": 1, "update_frequency_steps": every, "scope": scope}
-        self.pruning = Pruning(spec).attach(trainer.model, steps_per_epoch=every,
-                                            optimizer=trainer.optimizer if with_optimizer else None)
+        self.pruning = Pruning(spec).attach(trainer.model, steps_per_epoch=every, optimizer=trainer.optimizer)
         self.pruning.on_train_begin()
         self.pruning.on_epoch_begin(0)  # the first update (step 0): 89%
-        self.every = every
         self.step()
         state = self.pruning.state_dict()
         self._at_update = {**state, "global_step": every, "epoch_start_step": 0}

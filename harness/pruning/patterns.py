@@ -591,8 +591,8 @@ def _keep_above_kth(ranked: torch.Tensor, k: int, dtype: torch.dtype = torch.boo
     n = ranked.numel()
     # Float comparisons written straight into a float32 buffer, and counted by a float sum: both
     # several times faster than with bool tensors. A float32 ``out`` is that buffer itself.
-    exact = out is not None and out.dtype == torch.float32
-    keep = out if exact else torch.empty(n, dtype=torch.float32, device=ranked.device)
+    out_is_buffer = out is not None and out.dtype == torch.float32
+    keep = out if out_is_buffer else torch.empty(n, dtype=torch.float32, device=ranked.device)
     if k >= n:
         keep.zero_()
     elif k <= 0:  # nothing asked for: only the already pruned
@@ -606,7 +606,7 @@ def _keep_above_kth(ranked: torch.Tensor, k: int, dtype: torch.dtype = torch.boo
             keep[ties[surplus:]] = 1.0  # the last -surplus ties stay
     if out is None:
         return keep.to(dtype)
-    return out if exact else out.copy_(keep)
+    return out if out_is_buffer else out.copy_(keep)
 
 
 def _into(mask: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
