@@ -155,3 +155,21 @@ def test_make_scorer():
         make_scorer("obd")
     with pytest.raises(ValueError, match="alpha=-1"):
         SnipMomentum(alpha=-1)
+
+
+@pytest.mark.parametrize("scorer_type", [Magnitude, Taylor, SnipMomentum, RandomScores])
+def test_scores_into_writes_the_scores(scorer_type):
+    """The engine's path (scores written into its buffer) gives the scores themselves."""
+    scorer, w = scorer_type(), parameter([0.5, -2.0, 1.0])
+    if scorer.needs_gradients:
+        observe_steps(scorer, "w", w, STEPS)
+    out = torch.full((3,), float("nan"))
+    assert scorer.scores_into("w", w, out) is out
+    assert torch.equal(out, scorer.scores("w", w))
+
+
+def test_magnitude_into_half_weights():
+    from harness.pruning.criteria import magnitude_into
+
+    w = torch.tensor([-1.5, 2.0], dtype=torch.float16)
+    assert torch.equal(magnitude_into(w, torch.empty(2)), torch.tensor([1.5, 2.0]))

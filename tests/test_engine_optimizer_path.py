@@ -137,3 +137,16 @@ def test_gradients_are_masked_in_backward_while_training_only():
     again.zero_grad()
     nn.CrossEntropyLoss()(again(x), y).backward()
     assert any(torch.count_nonzero(p.grad[first.masks[n] == 0]) > 0 for n, p in first.params.items())
+
+
+def test_the_check_tells_a_moved_pruned_weight_from_a_nan_kept_one():
+    """The check after a mask update compares ``w * mask`` with ``w``; a kept NaN (NaN != NaN)
+    makes them differ too, but only a pruned weight that is not 0 counts as moved."""
+    from harness.pruning.pruning import _pruned_moved
+
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    scratch = torch.empty(4)
+    assert not _pruned_moved(torch.tensor([0.5, 0.0, -1.0, -0.0]), mask, scratch)
+    assert not _pruned_moved(torch.tensor([float("nan"), 0.0, 1.0, 0.0]), mask, scratch)
+    assert _pruned_moved(torch.tensor([0.5, 1e-30, 1.0, 0.0]), mask, scratch)
+    assert _pruned_moved(torch.tensor([0.5, 0.0, 1.0, float("nan")]), mask, scratch)

@@ -474,3 +474,40 @@ def test_negative_scores_are_refused():
     """Pruned units rank at -1 below every score, so scores must be >= 0 (every criterion's are)."""
     with pytest.raises(ValueError, match=r"scores: -0\.5 is negative"):
         Unstructured().mask(torch.tensor([1.0, -0.5]), 0.5, torch.ones(2))
+
+
+def _in_place(scores: torch.Tensor, s: float, current: torch.Tensor) -> torch.Tensor:
+    mask = current.clone()
+    out = Unstructured().update_in_place(scores.clone(), s, mask)
+    assert out is mask
+    return mask
+
+
+@SETTINGS
+@given(shape=shapes, s0=sparsities, s=sparsities, seed=seeds, ties=st.booleans())
+def test_in_place_update_is_the_mask(shape, s0, s, seed, ties):
+    """The engine's in-place update (its buffers overwritten) gives the mask ``mask()`` gives."""
+    scores = rand(shape, seed)
+    if ties:
+        scores = (scores * 3).floor()
+    current = Unstructured().mask(rand(shape, seed + 1), s0, torch.ones(shape))
+    assert torch.equal(_in_place(scores, s, current), Unstructured().mask(scores, s, current))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "sorted", "periodic"])
+@pytest.mark.parametrize("s0,s", [(0.0, 0.3), (0.89, 0.9), (0.6, 0.999)])
+def test_in_place_update_is_exact_on_large_tensors(kind, s0, s):
+    """Millions of weights: the sampled selection, its band flags written over the mask's bytes."""
+    scores = _large(kind).clamp_min(0.0)
+    current = torch.ones_like(scores)
+    current[torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(5))[: round(s0 * scores.numel())]] = 0
+    expected = Unstructured().mask(scores, s, current)
+    assert torch.equal(_in_place(scores, s, current), expected)
+    assert zeros(expected) == max(pruned_count(scores.numel(), s), zeros(current))
+
+
+def test_in_place_update_refuses_negative_scores_and_keeps_the_mask():
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"scores: -2\.0 is negative"):
+        Unstructured().update_in_place(torch.tensor([1.0, 3.0, -2.0]), 0.5, mask)
+    assert torch.equal(mask, torch.tensor([1.0, 0.0, 1.0]))

@@ -43,6 +43,14 @@ def magnitude(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().to(torch.float32)
 
 
+def magnitude_into(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``magnitude(weight)`` written into ``out`` (float32, the weight's shape)."""
+    weight = weight.detach()
+    if weight.dtype == torch.float32:
+        return torch.abs(weight, out=out)
+    return out.copy_(weight).abs_()
+
+
 class Scorer:
     """Base class: how weights are scored. Subclasses override ``scores`` and, if they
     accumulate over training, ``observe``, ``after_update`` and the state methods.
@@ -71,6 +79,13 @@ class Scorer:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement scores()")
 
+    def scores_into(self, name: str, param: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``scores`` written into ``out`` (float32, the parameter's shape) and returned. The engine
+        scores into a buffer it keeps between updates: fresh memory costs its first touch, several
+        times a pass over it. Overriding is optional (the default copies what ``scores`` returns).
+        """
+        return out.copy_(self.scores(name, param))
+
     def after_update(self, name: str) -> None:
         """Called after the mask of ``name`` was updated; by default nothing."""
 
@@ -95,6 +110,9 @@ class Magnitude(Scorer):
 
     def scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
         return magnitude(param)
+
+    def scores_into(self, name: str, param: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return magnitude_into(param, out)
 
 
 class _GradientScorer(Scorer):
@@ -140,6 +158,13 @@ class _GradientScorer(Scorer):
             if self._steps[name]:
                 return buffer.clone()
         return magnitude(param)
+
+    def scores_into(self, name: str, param: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self._steps.get(name):
+            buffer = self._buffer(name, param.detach())
+            if self._steps[name]:
+                return out.copy_(buffer)
+        return magnitude_into(param, out)
 
     def after_update(self, name: str) -> None:
         if self.reset_after_update and name in self._accumulated:

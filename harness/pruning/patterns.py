@@ -64,10 +64,14 @@ def _ranked(scores: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None =
     ``masked_fill`` takes several times as long on this machine's CPUs).
     """
     scores = scores.detach().reshape(-1).to(torch.float32)
-    if scores.numel() and float(scores.min()) < 0:
-        raise ValueError(f"scores: {float(scores.min())} is negative; criteria score weights >= 0")
+    _check_non_negative(scores)
     keep = keep.reshape(-1).to(device=scores.device, dtype=torch.float32)  # no copy when already so
     return torch.sub(keep, 1.0, out=out).addcmul_(scores, keep)
+
+
+def _check_non_negative(scores: torch.Tensor) -> None:
+    if scores.numel() and float(scores.min()) < 0:
+        raise ValueError(f"scores: {float(scores.min())} is negative; criteria score weights >= 0")
 
 
 def _mask_dtype(mask: torch.Tensor) -> torch.dtype:
@@ -187,6 +191,21 @@ class Unstructured(_OneWeightUnits):
         keep = _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), _mask_dtype(current_mask),
                                out=None if out is None else out.view(-1))
         return out if out is not None else keep.view(scores.shape)
+
+    def update_in_place(self, scores: torch.Tensor, sparsity: float, mask: torch.Tensor) -> torch.Tensor:
+        """``mask(scores, sparsity, mask, out=mask)`` with no fresh memory: ``scores`` is the
+        ranking buffer, so both are overwritten (the engine's own buffers: first touches of new
+        memory cost several times the passes here). Both float32 and contiguous.
+        """
+        _check_sparsity(sparsity)
+        ranked, keep = scores.view(-1), mask.view(-1)
+        _check_non_negative(ranked)
+        # The ranks of _ranked, the same sum in the other order: scores * keep, plus keep - 1
+        # (0 for live units, _PRUNED for pruned ones), which the mask holds until it is rewritten.
+        ranked.mul_(keep)
+        ranked.add_(keep.sub_(1.0))
+        _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), torch.float32, out=keep)
+        return mask
 
 
 class NM(_OneWeightUnits):
@@ -576,7 +595,10 @@ def _kth_smallest(x: torch.Tensor, k: int, scratch: torch.Tensor | None = None) 
         if _count_ones(torch.lt(x, lo, out=flags)) < k:
             return lo
         return x.kthvalue(k).values
-    band = x[(x > lo).logical_and_(x <= hi)]
+    # The band's flags as two bool views of the scratch's bytes: no fresh memory.
+    raw = flags.view(torch.uint8)
+    inside, upper = raw[:n].view(torch.bool), raw[n: 2 * n].view(torch.bool)
+    band = x[torch.gt(x, lo, out=inside).logical_and_(torch.le(x, hi, out=upper))]
     if k <= below + band.numel():
         return band.kthvalue(k - below).values
     return x.kthvalue(k).values

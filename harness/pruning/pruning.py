@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .criteria import Scorer, make_scorer
-from .patterns import MaskPattern, make_pattern, select_global
+from .patterns import MaskPattern, Unstructured, make_pattern, select_global
 from .schedules import SCHEDULES
 from .spec import GLOBAL, Pattern, PruningSpec, ResolvedPruner, Schedule
 
@@ -171,6 +171,7 @@ class Pruning:
         self._state_follows_masks = False  # the optimizer keeps pruned weights at 0 by itself
         self._check_next_step = False  # verify that it did, after the next step
         self._grad_hooks: list[Any] = []  # mask each gradient as backward accumulates it
+        self._scratch: torch.Tensor | None = None  # float32, reused by updates while training
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -317,6 +318,7 @@ class Pruning:
 
     def on_train_end(self) -> None:
         self._remove_grad_hooks()
+        self._scratch = None
         self.apply_masks()
 
     # -- masks ----------------------------------------------------------------------------
@@ -369,6 +371,7 @@ class Pruning:
             hook.remove()
         self._hooks = []
         self._remove_grad_hooks()
+        self._scratch = None
         self._optimizer, self._state_follows_masks = None, False
         return model
 
@@ -453,14 +456,21 @@ class Pruning:
     def _check_pruned_stayed_zero(self) -> None:
         """After the first step past a mask update: fall back to re-masking after every step if
         the optimizer moved a pruned weight (its gradient was changed after backward)."""
-        # sum(|w| * (1 - mask)) is 0 exactly when every pruned weight is (two float passes).
-        moved = [name for name, param in self.params.items()
-                 if float(torch.dot(param.reshape(-1).abs(), 1.0 - self.masks[name].reshape(-1))) != 0]
+        moved = [name for name, param in self.params.items() if _pruned_moved(param, self.masks[name],
+                                                                               self._scratch_for(param))]
         if moved:
             warnings.warn(f"pruning: the optimizer step moved pruned weights of {moved[0]} (a gradient changed "
                           "after backward?); re-masking the weights after every step from now on", stacklevel=2)
             self._state_follows_masks = False
             self.apply_masks()
+
+    def _scratch_for(self, param: torch.Tensor) -> torch.Tensor:
+        """A float32 buffer of ``param``'s shape, kept from update to update while training: the
+        first touch of fresh memory costs several times a pass over it (page faults)."""
+        n = param.numel()
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != param.device:
+            self._scratch = torch.empty(n, dtype=torch.float32, device=param.device)
+        return self._scratch[:n].view(param.shape)
 
     def _update_due(self) -> None:
         self._require_attached()
@@ -494,8 +504,11 @@ class Pruning:
         else:
             capped = min(sparsity, spec.max_sparsity) if spec.max_sparsity is not None else sparsity
             for name in pruner.names:
-                mask = self.masks[name]
-                pattern.mask(scorer.scores(name, self.params[name]), capped, mask, out=mask)
+                param, mask = self.params[name], self.masks[name]
+                if isinstance(pattern, Unstructured) and mask.dtype == torch.float32:
+                    pattern.update_in_place(scorer.scores_into(name, param, self._scratch_for(param)), capped, mask)
+                else:
+                    pattern.mask(scorer.scores(name, param), capped, mask, out=mask)
         for name in pruner.names:
             self.params[name].mul_(self.masks[name])
             scorer.after_update(name)
@@ -537,6 +550,14 @@ def _zero_pruned_state(optimizer: torch.optim.Optimizer, pairs: list[tuple[torch
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.mul_(mask)
+
+
+def _pruned_moved(param: torch.Tensor, mask: torch.Tensor, scratch: torch.Tensor) -> bool:
+    """Whether some weight the mask prunes is not 0: ``param * mask`` differs from ``param``."""
+    if torch.equal(torch.mul(param.detach(), mask, out=scratch), param.detach()):
+        return False
+    # Not equal: a pruned weight moved, or a kept one is NaN (NaN != NaN); tell which, exactly.
+    return bool(param.detach().ne(0).logical_and_(mask.eq(0)).any())
 
 
 def _mask_gradient(mask: torch.Tensor, param: torch.Tensor) -> None:
