@@ -500,7 +500,8 @@ def test_in_place_update_is_exact_on_large_tensors(kind, s0, s):
     """Millions of weights: the sampled selection, its band flags written over the mask's bytes."""
     scores = _large(kind).clamp_min(0.0)
     current = torch.ones_like(scores)
-    current[torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(5))[: round(s0 * scores.numel())]] = 0
+    order = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(5))
+    current[order[: round(s0 * scores.numel())]] = 0
     expected = Unstructured().mask(scores, s, current)
     assert torch.equal(_in_place(scores, s, current), expected)
     assert zeros(expected) == max(pruned_count(scores.numel(), s), zeros(current))

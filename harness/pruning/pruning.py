@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sparse_grads
 from .criteria import Scorer, make_scorer
 from .patterns import MaskPattern, Unstructured, make_pattern, select_global
 from .schedules import SCHEDULES
@@ -172,6 +173,7 @@ class Pruning:
         self._check_next_step = False  # verify that it did, after the next step
         self._grad_hooks: list[Any] = []  # mask each gradient as backward accumulates it
         self._scratch: torch.Tensor | None = None  # float32, reused by updates while training
+        self._kept_grads: dict[str, sparse_grads.KeptPattern] = {}  # weights on the kept-only gradient path
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -400,6 +402,8 @@ class Pruning:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self._epoch_start_step = state["epoch_start_step"]
         self.apply_masks()
+        if self._grad_hooks:
+            self._route_kept_grads(list(self.params))
         if self._optimizer is not None:
             _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in self.masks])
             self._check_next_step = self._state_follows_masks
@@ -419,14 +423,43 @@ class Pruning:
         if self._grad_hooks:
             return
         for name, param in self.params.items():
+            if not param.requires_grad:  # frozen: no gradient to mask (its weights are masked at updates)
+                continue
             # The mask tensor is updated in place, never replaced, so the hook can hold it.
             self._grad_hooks.append(param.register_post_accumulate_grad_hook(
-                functools.partial(_mask_gradient, self.masks[name])))
+                functools.partial(self._mask_gradient, name, self.masks[name])))
+        self._route_kept_grads(list(self.params))
 
     def _remove_grad_hooks(self) -> None:
         for hook in self._grad_hooks:
             hook.remove()
         self._grad_hooks = []
+        self._route_kept_grads([])
+
+    def _mask_gradient(self, name: str, mask: torch.Tensor, param: torch.Tensor) -> None:
+        pattern = self._kept_grads.get(name)
+        if pattern is not None and pattern.produced(param.grad):
+            return  # the kept-only gradient, as backward made it: already masked
+        with torch.no_grad():
+            param.grad.mul_(mask)
+
+    def _route_kept_grads(self, names: list[str]) -> None:
+        """Put ``names`` on the kept-only weight gradient path where it pays (sparse_grads.py), or
+        take them off it; with no names (training ended), take every tensor off."""
+        if not names:
+            for name in list(self._kept_grads):
+                sparse_grads.uninstall(self._owner(name))
+            self._kept_grads = {}
+            return
+        for name in names:
+            module, param, mask = self._owner(name), self.params[name], self.masks[name]
+            if self.spec.sparse_grads and self._grad_hooks and sparse_grads.eligible(module, param, mask):
+                self._kept_grads[name] = sparse_grads.install(module, mask)
+            elif self._kept_grads.pop(name, None) is not None:
+                sparse_grads.uninstall(module)
+
+    def _owner(self, name: str) -> nn.Module:
+        return self._require_attached().get_submodule(name.rpartition(".")[0])
 
     @torch.no_grad()
     def _before_step(self) -> None:
@@ -512,6 +545,8 @@ class Pruning:
         for name in pruner.names:
             self.params[name].mul_(self.masks[name])
             scorer.after_update(name)
+        if self._grad_hooks:
+            self._route_kept_grads(pruner.names)
         if self._optimizer is not None:
             _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in pruner.names])
             self._check_next_step = self._state_follows_masks
@@ -560,9 +595,6 @@ def _pruned_moved(param: torch.Tensor, mask: torch.Tensor, scratch: torch.Tensor
     return bool(param.detach().ne(0).logical_and_(mask.eq(0)).any())
 
 
-def _mask_gradient(mask: torch.Tensor, param: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.grad.mul_(mask)
 
 
 def _spec_from_yaml(path: Path) -> PruningSpec:
