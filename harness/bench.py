@@ -423,8 +423,10 @@ def step_overhead(label: str, model: nn.Module, inputs: torch.Tensor, targets: t
                f"{UPDATE_EVERY} steps; {len(t['dense'])} repeats of {steps} interleaved round(s), each arm's "
                f"fastest round ({len(t['ours_update'])} repeats with update steps); ours = attach(optimizer=) + the "
                f"callbacks in a plain loop")
+    kept_only = sorted(ours.pruning._kept_grads)
     details += (f"; counted sparsity ours {ours.sparsity():.2%}, torch prune {peer.sparsity():.2%}; "
-                f"the timed update ran at step {updated_at}")
+                f"the timed update ran at step {updated_at}; weight gradients of kept weights only "
+                f"(prune.sparse_grads) for {', '.join(kept_only) if kept_only else 'no layer'}")
     peer_text = f"torch prune {peer_ratio:.3f}x"
     return [
         result(f"a. step on/off, {label}", ours_ratio, 1.05, peer_text, details),

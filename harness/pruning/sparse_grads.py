@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .patterns import _count_ones
+
 MAX_DENSITY = 0.15  # above it, the dense product and a mask are as fast or faster (measured, above)
 MIN_WEIGHTS = 1 << 16  # below it, fixed costs outweigh the saving
 
@@ -33,7 +35,7 @@ def eligible(module: nn.Module, param: Tensor, mask: Tensor) -> bool:
     return (type(module) is nn.Linear and module.weight is param and param.requires_grad
             and param.dtype == torch.float32 and param.device.type == "cpu"
             and param.numel() >= MIN_WEIGHTS
-            and int(torch.count_nonzero(mask)) <= MAX_DENSITY * param.numel())
+            and _count_ones(mask) <= MAX_DENSITY * param.numel())
 
 
 class KeptPattern:
