@@ -679,12 +679,13 @@ def item_e(ctx: Context) -> list[Result]:
         warm = time.perf_counter() - warm
         ctx.warmed.add(baseline_key(tracked))
         t = interleave({"mlflow": timed(run(tracked)), "none": timed(run(untracked))},
-                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12)
+                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12, rounds=2)
     ratio = median_ratio(t["mlflow"], t["none"])
     what = "the default config" + (f" with {' '.join(s.e_overrides)}" if s.e_overrides else "")
     details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir; "
                f"median run {statistics.median(t['mlflow']):.2f} s with MLflow, "
-               f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved pairs "
+               f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved repeats of 2 "
+               f"rounds, each arm's faster round "
                f"(untimed warm-up run {warm:.1f} s)")
     return [result("e. run with MLflow / tracking=none", ratio, 1.05, "-", details)]
 
