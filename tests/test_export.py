@@ -282,6 +282,31 @@ def test_remove_pruned_channels_resnet18_every_conv_scatters_residual_outputs():
         _close(kept(x), model(x))
 
 
+def test_scattered_outputs_of_convs_with_bias_keep_the_zero_filters_bias():
+    """A zero filter of a conv with a bias outputs that bias; scattered into the residual stream,
+    its channel is filled with it (not with 0), so the sum with the skip path stays the same."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x) + x)
+
+    torch.manual_seed(3)
+    model = Residual().eval()
+    _zero_channels(model.conv, 0.5)
+    with torch.no_grad():
+        model.conv.bias.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 5, 7)
+    small = remove_pruned_channels(model, x)
+    assert isinstance(small.conv, PrunedConv2d) and small.conv.out_channels == 3
+    with torch.no_grad():
+        _close(small(x), model(x))
+        _close(small.conv(x[0]), model.conv(x[0]))  # unbatched input
+
+
 def test_remove_pruned_channels_leaves_an_unpruned_model_as_it_is():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
     x = torch.randn(2, 1, 6, 6)
