@@ -166,3 +166,12 @@ def test_resume_and_finalize():
 def test_sparse_grads_must_be_a_bool(value):
     with pytest.raises(ValueError, match=f"sparse_grads={value}"):
         Pruning({**SPEC, "sparse_grads": value})
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    model = mlp()
+    started(model)
+    x = torch.randn(4, 256, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()

@@ -13,7 +13,8 @@ in another order (equal up to float rounding, not bit for bit).
 
 Only plain ``nn.Linear`` modules with float32 weights on the CPU take this path, only while
 the engine trains (grad enabled, no autocast); the engine installs it by setting the module's
-``forward`` on the instance and removes it when training ends.
+``forward`` on the instance and removes it when training ends. A second derivative through
+such a layer (``create_graph=True``) raises; ``sparse_grads=False`` is the way for that.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .patterns import _count_ones
 
@@ -84,6 +86,7 @@ class _KeptGradLinear(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # a second derivative through it is an error, never a silent wrong value
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
