@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.pruning import Pruning
-from harness.pruning.sparse_grads import MAX_DENSITY, MIN_WEIGHTS, KeptGradForward
+from harness.pruning.sparse_grads import MAX_DENSITY, MIN_ROWS, MIN_WEIGHTS, KeptGradForward
 
 SPEC = {"target_sparsity": 0.9, "schedule": "one_shot"}
 
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    return nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
 def data(rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(rows, 256, generator=g), torch.randint(0, 10, (rows,), generator=g)
+    return torch.randn(rows, 1024, generator=g), torch.randint(0, 10, (rows,), generator=g)
 
 
 def started(model: nn.Module, **spec) -> Pruning:
@@ -43,7 +43,7 @@ def test_large_sparse_linears_take_the_path_and_their_gradients_are_the_masked_o
     model, reference = mlp(), mlp()
     pruning, plain = started(model), started(reference, sparse_grads=False)
     assert on_path(model) == ["0", "2"] and on_path(reference) == []
-    assert MIN_WEIGHTS <= 512 * 512 and MAX_DENSITY >= 0.1
+    assert MIN_WEIGHTS <= 1024 * 1024 and MAX_DENSITY >= 0.1 and MIN_ROWS <= 32
     x, y = data()
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(reference(x), y).backward()
@@ -88,7 +88,7 @@ def test_a_weight_also_used_elsewhere_is_still_masked():
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.fc = nn.Linear(512, 512)
+            self.fc = nn.Linear(1024, 1024)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) + F.linear(x, self.fc.weight)  # the second use bypasses the module
@@ -96,7 +96,7 @@ def test_a_weight_also_used_elsewhere_is_still_masked():
     model = Shared()
     pruning = started(model)
     assert on_path(model) == ["fc"]
-    model(torch.randn(8, 512)).square().sum().backward()
+    model(torch.randn(32, 1024)).square().sum().backward()
     pruned = pruning.masks["fc.weight"] == 0
     assert torch.count_nonzero(model.fc.weight.grad[pruned]) == 0
     assert torch.count_nonzero(model.fc.weight.grad[~pruned]) > 0
@@ -105,7 +105,7 @@ def test_a_weight_also_used_elsewhere_is_still_masked():
 def test_gradients_accumulated_over_micro_batches_stay_masked():
     model, reference = mlp(), mlp()
     pruning, _ = started(model), started(reference, sparse_grads=False)
-    for rows in (8, 16):  # two backwards into the same .grad, no zero_grad between
+    for rows in (32, 48):  # two backwards into the same .grad, no zero_grad between
         x, y = data(rows)
         F.cross_entropy(model(x), y).backward()
         F.cross_entropy(reference(x), y).backward()
@@ -119,7 +119,7 @@ def test_sequence_inputs_and_no_grad_forward():
     is the plain one, and with the path its outputs are the module's own."""
     model, reference = mlp(), mlp()
     started(model), started(reference, sparse_grads=False)
-    x = torch.randn(4, 6, 256)
+    x = torch.randn(4, 8, 1024)
     model(x).square().mean().backward()
     reference(x).square().mean().backward()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -171,7 +171,20 @@ def test_sparse_grads_must_be_a_bool(value):
 def test_a_second_derivative_is_refused_not_wrong():
     model = mlp()
     started(model)
-    x = torch.randn(4, 256, requires_grad=True)
+    x = torch.randn(32, 1024, requires_grad=True)
     (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         grad_x.sum().backward()
+
+
+def test_few_rows_take_the_dense_product_masked_as_usual():
+    """Below MIN_ROWS rows of input the dense product is faster: the gradient is the engine's
+    usual masked one."""
+    model, reference = mlp(), mlp()
+    pruning, _ = started(model), started(reference, sparse_grads=False)
+    x, y = data(MIN_ROWS - 1)
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert torch.count_nonzero(model[0].weight.grad[pruning.masks["0.weight"] == 0]) == 0

@@ -5,11 +5,15 @@ engine then zeroes the pruned ones. At high sparsity most of that product is thr
 ``torch.sparse.sampled_addmm`` (SDDMM) computes only the kept entries, and scattering them into
 a zeroed gradient gives the masked gradient directly, with no multiply by the mask afterwards.
 
-Measured on the CPU here (2 cores, 2048x2048 weight, 128 rows of input): kept-only gradient
-0.6x the time of dense product + mask at 10% density, 0.4x at 5%, even at 20%, slower above;
-hence ``MAX_DENSITY``. The forward and the input's gradient stay the dense ones, so the model
-computes what it computed before; the kept weights' gradients are the same dot products summed
-in another order (equal up to float rounding, not bit for bit).
+Measured on the CPU here (2 cores), kept-only gradient / (dense product + mask): 2048x2048 weight,
+128 rows of input: 0.4-0.6x at 10% density, 0.6x at 15%, even at 20%; 1024x1024: 0.4x (128
+rows) to 0.6x (32 rows) at 10%, 0.9x at 15% with 32 rows, slower with 16; smaller weights
+(512x512, 128x1024) are slower below 64-128 rows. Hence ``MAX_DENSITY``, ``MIN_WEIGHTS`` and
+``MIN_ROWS`` (checked at each backward: fewer rows take the dense product, masked as usual).
+
+The forward and the input's gradient stay the dense ones, so the model computes what it
+computed before; the kept weights' gradients are the same dot products summed in another order
+(equal up to float rounding, not bit for bit).
 
 Only plain ``nn.Linear`` modules with float32 weights on the CPU take this path, only while
 the engine trains (grad enabled, no autocast); the engine installs it by setting the module's
@@ -29,7 +33,8 @@ from torch.autograd.function import once_differentiable
 from .patterns import _count_ones
 
 MAX_DENSITY = 0.15  # above it, the dense product and a mask are as fast or faster (measured, above)
-MIN_WEIGHTS = 1 << 16  # below it, fixed costs outweigh the saving
+MIN_WEIGHTS = 1 << 20  # below it, the saving needs more rows than a typical batch
+MIN_ROWS = 32  # rows of input (batch x positions) below which the dense product is faster
 
 
 def eligible(module: nn.Module, param: Tensor, mask: Tensor) -> bool:
@@ -94,7 +99,12 @@ class _KeptGradLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.pattern.weight_grad(grad_2d, x.reshape(-1, x.shape[-1]))
+            x_2d = x.reshape(-1, x.shape[-1])
+            if grad_2d.shape[0] >= MIN_ROWS:
+                grad_w = ctx.pattern.weight_grad(grad_2d, x_2d)
+            else:  # the dense product; the engine masks it as it does every other gradient
+                ctx.pattern.made = None
+                grad_w = grad_2d.t().mm(x_2d)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b, None

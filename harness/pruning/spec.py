@@ -119,8 +119,8 @@ class PruningSpec:
     names: list[str] | None = None
     exclude: list[str] | None = None
     seed: int = 0  # for the random criterion
-    # While training, Linear weights at <= 15% density on the CPU get the gradients of their kept
-    # weights only (sparse_grads.py): faster, equal to the masked dense gradient up to float rounding.
+    # While training, large Linear weights at <= 15% density on the CPU get the gradients of their
+    # kept weights only (sparse_grads.py): faster, equal to the masked dense gradient up to rounding.
     sparse_grads: bool = True
     pruners: list[PrunerSpec] = field(default_factory=list)
 
