@@ -437,8 +437,8 @@ def _stable_reference(ranked: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def _large(kind: str) -> torch.Tensor:
-    n = (1 << 21) + 12_345  # above the size where the sampled selection takes over
+def _large(kind: str, n: int = (1 << 21) + 12_345) -> torch.Tensor:
+    """``n`` values, above the size where the sampled selection takes over."""
     g = torch.Generator().manual_seed(3)
     values = torch.rand(n, generator=g)
     if kind == "ties":  # a handful of distinct values: the threshold sits inside a huge tie
@@ -461,9 +461,21 @@ def test_threshold_selection_is_exact_on_large_tensors(kind, fraction):
     """The sampled threshold selection over millions of units prunes exactly the units a stable
     sort would (ties in index order), whatever the distribution; a sample that misleads it only
     makes it slower."""
+    _assert_threshold_selection_exact(_large(kind), fraction)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "already_pruned", "periodic"])
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_threshold_selection_is_exact_just_above_the_sampled_size(kind, fraction):
+    """Just above where sampling starts, the sample is a quarter of the values (stride 4)."""
+    from harness.pruning.patterns import _EXACT_BELOW
+
+    _assert_threshold_selection_exact(_large(kind, _EXACT_BELOW + 7), fraction)
+
+
+def _assert_threshold_selection_exact(ranked: torch.Tensor, fraction: float) -> None:
     from harness.pruning.patterns import _keep_above_kth
 
-    ranked = _large(kind)
     in_race = int((~torch.isposinf(ranked)).sum())
     k = min(round(fraction * ranked.numel()), in_race)
     assert torch.equal(_keep_above_kth(ranked, k), _stable_reference(ranked, k))

@@ -560,7 +560,7 @@ def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int,
 
 
 _SAMPLE = 1 << 16  # values sampled to bracket the k-th smallest
-_EXACT_BELOW = 1 << 20  # below this many values, kthvalue directly
+_EXACT_BELOW = 1 << 18  # below this many values, kthvalue directly (measured: the sampled way wins above)
 
 
 def _count_ones(flags: torch.Tensor) -> int:
