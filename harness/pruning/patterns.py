@@ -419,6 +419,8 @@ def select_global(
     current_keep: Mapping[str, torch.Tensor],
     sparsity: float,
     max_sparsity: float | None = None,
+    *,
+    scratch: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rank the units of several tensors together and prune the lowest, already-pruned first.
 
@@ -441,6 +443,10 @@ def select_global(
         current_keep: per tensor, the 1-D unit keep-mask in force (1 keeps, 0 pruned).
         sparsity: the fraction of all the tensors' weights together to prune, in [0, 1].
         max_sparsity: a cap on each tensor's own sparsity, in (0, 1], or ``None``.
+        scratch: optional 1-D float32 buffer of at least twice the units, so that the ranking
+            and the selection touch no fresh memory. Its first half holds the ranking; for
+            units of one weight the returned keep-masks (float32 ones) are views of its second
+            half, which may also hold the unit scores on the way in (read before it is written).
 
     Returns:
         Per tensor, the new 1-D unit keep-mask, in the dtype of its ``current_keep``
@@ -472,7 +478,11 @@ def select_global(
     # One ranking of every unit: scores, with already-pruned units at _PRUNED.
     device = unit_scores[names[0]].device
     counts = [unit_scores[name].numel() for name in names]
-    ranked = torch.empty(sum(counts), dtype=torch.float32, device=device)
+    total_units = sum(counts)
+    if scratch is not None and scratch.numel() >= 2 * total_units:
+        ranked, keep_out = scratch[:total_units], scratch[total_units: 2 * total_units]
+    else:
+        ranked, keep_out = torch.empty(total_units, dtype=torch.float32, device=device), None
     ranked_of = dict(zip(names, ranked.split(counts)))
     for name, chunk in ranked_of.items():
         _ranked(unit_scores[name], current_keep[name], out=chunk)
@@ -500,7 +510,7 @@ def select_global(
 
     all_sizes = None if one_weight_units else torch.cat([sizes[name] for name in names])
     keep = _prune_lowest(ranked, all_sizes, target, closest=True, out_of_race=max_sparsity is not None,
-                         dtype=torch.float32)
+                         dtype=torch.float32, out=keep_out)
     return {name: k.to(_mask_dtype(current_keep[name])) for name, k in zip(names, keep.split(counts))}
 
 
@@ -525,7 +535,8 @@ def _common_unit_size(sizes: Iterable[torch.Tensor]) -> int | None:
 
 
 def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int, closest: bool,
-                  out_of_race: bool = False, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+                  out_of_race: bool = False, dtype: torch.dtype = torch.bool,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask (``dtype``, 1 keeps) that prunes the lowest-ranked units up to ``target`` weights.
 
     In ``ranked``, already-pruned units are ``_PRUNED`` and always pruned; with ``out_of_race``,
@@ -533,12 +544,13 @@ def _prune_lowest(ranked: torch.Tensor, sizes: torch.Tensor | None, target: int,
     unit: then exactly ``target`` (by a threshold, :func:`_keep_above_kth`). Otherwise, in
     stable sort order, ``closest`` stops at whichever side of the crossing unit is closer to the
     target (ties: fewer), and not ``closest`` stops before it (for a cap: never above).
+    ``out``: with ``sizes=None``, a 1-D float buffer to write the mask into.
     """
     n = ranked.numel()
     # count_nonzero: a bool .sum() first copies the mask to int64 (8 bytes per unit).
     in_race = n - int(torch.count_nonzero(torch.isposinf(ranked))) if out_of_race else n
     if sizes is None:  # already-pruned units are pruned whatever the target (_keep_above_kth)
-        return _keep_above_kth(ranked, min(target, in_race), dtype)
+        return _keep_above_kth(ranked, min(target, in_race), dtype, out=out)
     already = int(torch.count_nonzero(ranked == _PRUNED))
     keep = torch.ones(n, dtype=torch.bool, device=ranked.device)
     order = torch.argsort(ranked, stable=True)

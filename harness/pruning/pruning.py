@@ -172,7 +172,7 @@ class Pruning:
         self._state_follows_masks = False  # the optimizer keeps pruned weights at 0 by itself
         self._check_next_step = False  # verify that it did, after the next step
         self._grad_hooks: list[Any] = []  # mask each gradient as backward accumulates it
-        self._scratch: torch.Tensor | None = None  # float32, reused by updates while training
+        self._buffer: torch.Tensor | None = None  # float32, reused by updates while training
         self._kept_grads: dict[str, sparse_grads.KeptPattern] = {}  # weights on the kept-only gradient path
 
     # -- set-up ---------------------------------------------------------------------------
@@ -320,7 +320,7 @@ class Pruning:
 
     def on_train_end(self) -> None:
         self._remove_grad_hooks()
-        self._scratch = None
+        self._buffer = None
         self.apply_masks()
 
     # -- masks ----------------------------------------------------------------------------
@@ -373,7 +373,7 @@ class Pruning:
             hook.remove()
         self._hooks = []
         self._remove_grad_hooks()
-        self._scratch = None
+        self._buffer = None
         self._optimizer, self._state_follows_masks = None, False
         return model
 
@@ -497,13 +497,15 @@ class Pruning:
             self._state_follows_masks = False
             self.apply_masks()
 
+    def _scratch(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A 1-D float32 buffer of ``numel``, kept from update to update while training: the first
+        touch of fresh memory costs several times a pass over it (page faults)."""
+        if self._buffer is None or self._buffer.numel() < numel or self._buffer.device != device:
+            self._buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._buffer[:numel]
+
     def _scratch_for(self, param: torch.Tensor) -> torch.Tensor:
-        """A float32 buffer of ``param``'s shape, kept from update to update while training: the
-        first touch of fresh memory costs several times a pass over it (page faults)."""
-        n = param.numel()
-        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != param.device:
-            self._scratch = torch.empty(n, dtype=torch.float32, device=param.device)
-        return self._scratch[:n].view(param.shape)
+        return self._scratch(param.numel(), param.device).view(param.shape)
 
     def _update_due(self) -> None:
         self._require_attached()
@@ -526,12 +528,23 @@ class Pruning:
         spec, pattern, scorer = pruner.spec, pruner.pattern, pruner.scorer
         if spec.scope == GLOBAL:
             unit_scores, unit_sizes, current = {}, {}, {}
-            for name in pruner.names:
+            scratch = None
+            masks = [self.masks[n] for n in pruner.names]
+            if (isinstance(pattern, Unstructured) and all(m.dtype == torch.float32 for m in masks)
+                    and len({m.device for m in masks}) == 1):
+                # Scores straight into the second half of the engine's buffer, ranking into the first.
+                sizes = [self.params[n].numel() for n in pruner.names]
+                scratch = self._scratch(2 * sum(sizes), masks[0].device)
+                score_areas = scratch[sum(sizes):].split(sizes)
+            for i, name in enumerate(pruner.names):
                 param = self.params[name]
-                unit_scores[name] = pattern.unit_scores(scorer.scores(name, param))
+                if scratch is not None:
+                    unit_scores[name] = scorer.scores_into(name, param, score_areas[i].view(param.shape)).view(-1)
+                else:
+                    unit_scores[name] = pattern.unit_scores(scorer.scores(name, param))
                 unit_sizes[name] = pattern.unit_sizes(param.shape)
                 current[name] = pattern.unit_keep(self.masks[name])
-            keep = select_global(unit_scores, unit_sizes, current, sparsity, spec.max_sparsity)
+            keep = select_global(unit_scores, unit_sizes, current, sparsity, spec.max_sparsity, scratch=scratch)
             for name in pruner.names:
                 self.masks[name].copy_(pattern.expand(keep[name], self.params[name].shape))
         else:
