@@ -15,6 +15,8 @@ from torch import nn
 
 from harness.export import (
     PrunedConv2d,
+    ScatteredBatchNorm2d,
+    ScatteredMaxPool2d,
     SparseLinear,
     compare_latency,
     count_macs,
@@ -265,14 +267,22 @@ def test_remove_pruned_channels_resnet18_every_conv_scatters_residual_outputs():
     small = remove_pruned_channels(model, x)
     block = small.layer1[0]
     assert block.conv1.out_channels == 32 and block.conv2.in_channels == 32
-    for conv in (small.conv1, block.conv2, small.layer2[0].downsample[0]):
-        assert isinstance(conv, PrunedConv2d) and conv.out_channels * 2 == conv.full_out_channels
-    assert block.conv2.out_index.tolist() == sorted(set(range(64)) - set(zeroed["layer1.0.conv2"]))
+    # The residual stream keeps its width: each conv feeding it computes its kept filters, the
+    # channelwise modules after it (BatchNorm, the stem's max-pool) run on those channels only,
+    # and the last of them scatters to the full width, the removed channels at their constants.
+    for conv, scatters in ((small.conv1, small.maxpool), (block.conv2, block.bn2),
+                           (small.layer2[0].downsample[0], small.layer2[0].downsample[1])):
+        assert getattr(conv, "out_index", None) is None and conv.out_channels * 2 == scatters.full_out_channels
+        assert isinstance(scatters, ScatteredBatchNorm2d | ScatteredMaxPool2d)
+    assert small.bn1.num_features == 32 and block.bn2.num_features == 32
+    assert block.bn2.out_index.tolist() == sorted(set(range(64)) - set(zeroed["layer1.0.conv2"]))
     assert small.layer4[1].conv2.out_channels == 128
     with torch.no_grad():
         _close(small(x), model(x))
         h = torch.randn(2, 32, 8, 8, generator=g)
-        _close(block.conv2(h[0]), block.conv2(h)[0])  # unbatched input
+        _close(small.maxpool(h[0]), small.maxpool(h)[0])  # unbatched input
+        again = remove_pruned_channels(small, x)  # an exported model goes through again unchanged
+        _close(again(x), model(x))
     assert count_macs(small, x)[0] < 0.8 * count_macs(model, x)[1]
 
     kept = remove_pruned_channels(model, x, scatter_outputs=None)
