@@ -153,18 +153,20 @@ class _GradientScorer(Scorer):
         self._steps[name] = self._steps.get(name, 0) + 1
 
     def scores(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        observed = self._observed(name, param)
+        return magnitude(param) if observed is None else observed.clone()
+
+    def scores_into(self, name: str, param: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        observed = self._observed(name, param)
+        return magnitude_into(param, out) if observed is None else out.copy_(observed)
+
+    def _observed(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
+        """The accumulated scores of ``name``, or ``None`` before any step was observed."""
         if self._steps.get(name):
             buffer = self._buffer(name, param.detach())  # may reset if the shape changed
             if self._steps[name]:
-                return buffer.clone()
-        return magnitude(param)
-
-    def scores_into(self, name: str, param: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self._steps.get(name):
-            buffer = self._buffer(name, param.detach())
-            if self._steps[name]:
-                return out.copy_(buffer)
-        return magnitude_into(param, out)
+                return buffer
+        return None
 
     def after_update(self, name: str) -> None:
         if self.reset_after_update and name in self._accumulated:

@@ -119,7 +119,7 @@ class KeptGradForward:
 
     def __call__(self, x: Tensor) -> Tensor:
         m = self.module
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or x.device.type != "cpu":
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return F.linear(x, m.weight, m.bias)
         return _KeptGradLinear.apply(x, m.weight, m.bias, self.pattern)
 
