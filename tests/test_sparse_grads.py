@@ -188,3 +188,24 @@ def test_few_rows_take_the_dense_product_masked_as_usual():
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     assert torch.count_nonzero(model[0].weight.grad[pruning.masks["0.weight"] == 0]) == 0
+
+
+def test_the_engine_skips_the_mask_multiply_only_for_the_gradient_the_path_made(monkeypatch):
+    """The saving itself: the gradient the path made alone is taken as it is (no multiply by the
+    mask); summed with another use of the weight, it is not, and gets masked."""
+    from harness.pruning.sparse_grads import KeptPattern
+
+    answers: list[bool] = []
+    produced = KeptPattern.produced
+    monkeypatch.setattr(KeptPattern, "produced", lambda self, grad: answers.append(produced(self, grad)) or answers[-1])
+    model = mlp()
+    started(model)
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    assert answers == [True, True]  # both large layers, backward's order
+
+    answers.clear()
+    model.zero_grad()
+    h = model[0](x)
+    (model[2](h) + F.linear(h, model[2].weight)).sum().backward()  # the weight used twice
+    assert answers == [False, True]
