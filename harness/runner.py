@@ -159,6 +159,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
             for note in deploy.notes:
                 log.info(note)
         tracker.log_metrics(metrics)
+        tracker.flush()  # stored by the tracker's writer while the artifacts are made
         _write_artifacts(cfg, model, rows, updates, history, output_dir, tracker, metrics, verdict,
                          deploy.notes if deploy else [])
 
@@ -263,20 +264,24 @@ def _plain(value: Any) -> Any:
 def _write_artifacts(cfg: Config, model: torch.nn.Module, rows: list, updates: list[MaskUpdate],
                      history: list, output_dir: Path, tracker: Tracker, metrics: dict[str, float],
                      verdict: Verdict | None, notes: list[str]) -> None:
+    # Each file goes to the tracker once written: its writer copies it while the next is made.
+    compressed = output_dir / "pruned_model.compressed.pt"
+    if compressed.exists():
+        tracker.log_artifact(compressed)
     config_yaml = yaml.safe_dump(config_dict(cfg), sort_keys=False)
     (output_dir / "config.yaml").write_text(config_yaml)
+    tracker.log_artifact(output_dir / "config.yaml")
     report.write_sparsity_csv(rows, output_dir / "sparsity_report.csv")
+    tracker.log_artifact(output_dir / "sparsity_report.csv")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, output_dir / "pruned_model.pt")
+    tracker.log_artifact(output_dir / "pruned_model.pt")
     plot = output_dir / "curves.png" if updates else None
     if plot:
         report.plot_curves(updates, history, plot)
+        tracker.log_artifact(plot)
     report.write_summary_html(output_dir / "summary.html", _run_name(cfg), rows, metrics, verdict, notes,
                               config_yaml, plot)
-    names = ["config.yaml", "sparsity_report.csv", "pruned_model.pt", "pruned_model.compressed.pt",
-             "curves.png", "summary.html"]
-    for path in (output_dir / name for name in names):
-        if path.exists():
-            tracker.log_artifact(path)
+    tracker.log_artifact(output_dir / "summary.html")
 
 
 def _run_name(cfg: Config) -> str:

@@ -1,26 +1,24 @@
 """Experiment tracking behind one small interface: MLflow, or nothing.
 
-The MLflow tracker talks to the store through ``MlflowClient`` (no global active run, so
-several runs can live in one process) and buffers metrics, sending them with
-``log_batch`` in chunks instead of one request per value.
+The MLflow tracker buffers metrics and sends them with ``log_batch`` in chunks instead of one
+request per value; a helper process makes the store calls (:mod:`harness.mlflow_writer`), so
+training does not wait for them. Runs are addressed by id (no global active run), so several
+runs can live in one process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from harness.config import TrackingBackend, TrackingConfig
 from harness.errors import ConfigError
-from harness.locking import file_lock, process_alive
-
-log = logging.getLogger(__name__)
+from harness.mlflow_writer import writer
 
 _BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 _BATCH_PARAMS = 100
@@ -50,93 +48,87 @@ class Tracker:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run, created on construction and ended by :meth:`finish`."""
+    """One MLflow run, created on construction and ended by :meth:`finish`; the store calls are
+    made by this process's MLflow writer (:mod:`harness.mlflow_writer`)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None,
                  artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
                  resume_run_id: str | None = None) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri
-        # Two processes creating one SQLite store (or one experiment) at once race; take turns.
-        lock = file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")) if uri.startswith("sqlite:///") \
-            else contextlib.nullcontext()
-        with lock:
-            self.client = MlflowClient(tracking_uri=uri)
-            run = self._open_run(experiment, run_name, artifact_location, tags, resume_run_id)
-        self.run_id = run.info.run_id
-        self.run_name = run.info.run_name
-        self._pending: list[Any] = []
+        self.writer = writer()
+        # The writer opens the run while this process goes on (it may still be importing MLflow);
+        # calls for the run name it by this handle until its id is known.
+        self._handle = uuid.uuid4().hex
+        owner = {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+        self._opened = self.writer.send("open", self._handle, uri, experiment, run_name, artifact_location,
+                                        {**owner, **(tags or {})}, resume_run_id, os.getcwd())
+        self._run: tuple[str, str, str] | None = None  # id, name, experiment id
+        self._params: list[tuple[str, str]] = []
+        self._pending: list[tuple[str, float, int, int]] = []
         self._last_flush = time.monotonic()
         self._finished = False
 
-    def _open_run(self, experiment: str, run_name: str | None, artifact_location: str | None,
-                  tags: Mapping[str, str] | None, resume_run_id: str | None) -> Any:
-        if resume_run_id:  # reopen a run (a resumed sweep's parent, or a dead trial's run to close)
-            run = self.client.get_run(resume_run_id)
-            self.client.update_run(resume_run_id, status="RUNNING")
-            self.experiment_id = run.info.experiment_id
-        else:
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (found.experiment_id if found is not None else
-                                  self.client.create_experiment(experiment, artifact_location=artifact_location))
-            self._close_orphans()
-            owner = {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**owner, **(tags or {})})
-        return run
+    def _opened_run(self) -> tuple[str, str, str]:
+        if self._run is None:
+            self._run = self.writer.wait(self._opened)
+        return self._run
 
-    def _close_orphans(self) -> None:
-        """End as FAILED the RUNNING runs whose process on this machine is gone (a SIGKILL, a crash)."""
-        from mlflow.entities import ViewType
+    @property
+    def run_id(self) -> str:  # type: ignore[override]
+        return self._opened_run()[0]
 
-        host = socket.gethostname()
-        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                          run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
-        for run in running:
-            tags = run.data.tags
-            if tags.get("harness.host") == host and not process_alive(int(tags.get("harness.pid", 0))):
-                self.client.set_tag(run.info.run_id, "error", "the process running this run died "
-                                    "(found RUNNING at a later start)")
-                self.client.set_terminated(run.info.run_id, status="FAILED")
+    @property
+    def run_name(self) -> str:
+        return self._opened_run()[1]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._opened_run()[2]
+
+    def _log_batch(self, metrics: list | None = None, params: list | None = None, tags: list | None = None) -> None:
+        self.writer.send("log_batch", self._handle, metrics or [], params or [], tags or [])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
-        for i in range(0, len(items), _BATCH_PARAMS):
-            self.client.log_batch(self.run_id, params=items[i:i + _BATCH_PARAMS])
+        """Buffered like metrics, sent at the next :meth:`flush`."""
+        self._params.extend((k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items())
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
+        if self._run is None:  # a store that cannot open the run stops training at its first step
+            self.writer.read_ready()
+            if self._opened.done:
+                self._opened_run()
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        self._pending.extend((k, float(v), now, step or 0) for k, v in metrics.items())
         if len(self._pending) >= _BATCH_METRICS or time.monotonic() - self._last_flush > _FLUSH_SECONDS:
             self.flush()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._log_batch(tags=[(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        """Copied into the run's artifacts by the writer, later: the file must not change after this."""
+        self.writer.send("log_artifact", self._handle, str(Path(path).resolve()))
 
     def flush(self) -> None:
+        """Send the buffered params and metrics to the writer, which stores them while this process
+        goes on."""
+        params, self._params = self._params, []
+        for i in range(0, len(params), _BATCH_PARAMS):
+            self._log_batch(params=params[i:i + _BATCH_PARAMS])
         pending, self._pending = self._pending, []
         for i in range(0, len(pending), _BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + _BATCH_METRICS])
+            self._log_batch(metrics=pending[i:i + _BATCH_METRICS])
         self._last_flush = time.monotonic()
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Send what is buffered and end the run; safe to call twice."""
+        """Send what is buffered, end the run and wait until the store has all of it; safe to call twice."""
         if self._finished:
             return
         self._finished = True
         try:
             self.flush()
         finally:
-            self.client.set_terminated(self.run_id, status=status)
+            self.writer.call("end", self._handle, status)
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} ({self.run_name}) in experiment {self.experiment_id} at {self.uri}"
@@ -154,7 +146,6 @@ def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
                  tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> Tracker:
     if cfg.backend == TrackingBackend.none:
         return Tracker()
-    _quiet_mlflow_logs()
     uri = tracking_uri(cfg, outputs_dir)
     if uri.startswith(("http://", "https://")):
         _check_server(uri, "tracking.uri" if cfg.uri else "MLFLOW_TRACKING_URI")
@@ -205,8 +196,3 @@ def _relative_sqlite_uri(uri: str) -> str:
     except ValueError:
         return uri
 
-
-def _quiet_mlflow_logs() -> None:
-    # The store's schema migrations log a screenful at INFO on first use.
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
-        logging.getLogger(name).setLevel(logging.WARNING)

@@ -145,6 +145,7 @@ def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: 
         tracker.log_params({"sweep.n_trials": settings.n_trials, "sweep.objectives": settings.objectives,
                             "sweep.directions": settings.directions, "sweep.sampler": settings.sampler,
                             "sweep.pruner": settings.pruner, "sweep.goal_constraint": settings.goal_constraint})
+        tracker.flush()  # in the MLflow UI while the sweep runs
     return tracker
 
 
