@@ -672,8 +672,9 @@ def item_e(ctx: Context) -> list[Result]:
         return go
 
     with default_tracking_env():
-        # Untimed warm-up: trains and caches the dense baseline, creates the SQLite store's schema,
-        # imports MLflow and matplotlib; every timed run then reuses the same cached baseline.
+        # Untimed warm-up: trains and caches the dense baseline, starts the MLflow writer process and
+        # creates the SQLite store's schema, imports matplotlib; every timed run then reuses the same
+        # cached baseline and writer.
         warm = time.perf_counter()
         run(tracked)()
         warm = time.perf_counter() - warm
@@ -682,7 +683,8 @@ def item_e(ctx: Context) -> list[Result]:
                        budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12, rounds=2)
     ratio = median_ratio(t["mlflow"], t["none"])
     what = "the default config" + (f" with {' '.join(s.e_overrides)}" if s.e_overrides else "")
-    details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir; "
+    details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir, "
+               f"written by the process's MLflow writer (started by the warm-up run); "
                f"median run {statistics.median(t['mlflow']):.2f} s with MLflow, "
                f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved repeats of 2 "
                f"rounds, each arm's faster round "

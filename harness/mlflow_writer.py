@@ -1,14 +1,15 @@
 """MLflow's store calls, made by a helper process so that training does not wait for them.
 
 Each MLflow write through the SQLAlchemy store costs the Python interpreter tens of
-microseconds per row (ORM objects, a transaction): ~45 ms for a default run, 5% of it.
-Weights & Biases moves this work out of the training process for the same reason; here the
-training process pickles each call onto a socket and goes on, and one helper process per
-training process (``python -m harness.mlflow_writer``) makes the calls in order with
-``MlflowClient``. Opening a run and ending it wait for the helper, so a run's id is known at
-once, a bad store fails before any training, and everything is stored when a run ends; the
-calls in between (params, metric batches, tags, artifacts) are pipelined. Their replies are
-read at the next call, so a failed write raises within a step.
+microseconds per row (ORM objects, a transaction): ~45 ms for a default run, 5% of it, and
+importing MLflow takes a second. Weights & Biases moves this work out of the training process
+for the same reason; here one helper process per training process (``python -m
+harness.mlflow_writer``, started with the first tracked run) makes the calls in order with
+``MlflowClient``, and the training process pickles each call onto a socket and goes on. Calls
+for a run name it by a handle the training process chose, so even opening the run does not
+wait: its id is awaited only where it is used. Ending a run waits until the store holds
+everything sent before. Replies are read at the next call of the same tracker, so a failed
+call raises there (within a training step), and never in another tracker.
 
 When the training process dies without ending its runs (SIGKILL, a crash), its socket
 closes and the helper ends those runs as FAILED. The helper ignores SIGINT and SIGTERM, which
@@ -18,6 +19,7 @@ run as KILLED through the helper, and the helper exits when the socket closes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -40,17 +42,20 @@ class TrackingError(HarnessError):
 
 
 class Reply:
-    """What the writer answered to one call, once read: ``ok`` and the result or the error text."""
+    """The writer's answer to one call, once read: ``ok`` and the result or the error text."""
 
-    __slots__ = ("done", "ok", "op", "value")
+    __slots__ = ("done", "ok", "op", "owner", "value")
 
-    def __init__(self, op: str) -> None:
-        self.op, self.done, self.ok, self.value = op, False, False, None
+    def __init__(self, owner: str, op: str) -> None:
+        self.owner, self.op, self.done, self.ok, self.value = owner, op, False, False, None
+
+    def error(self) -> TrackingError:
+        return TrackingError(f"MLflow {self.op} failed: {self.value}")
 
 
 class MlflowWriter:
-    """The training process's end: sends calls, reads the replies in order, raises a failure when
-    its reply is read."""
+    """The training process's end. Each call has an owner (a tracker): replies are read in order,
+    and a failed call is raised once, at its owner's next call, never at another tracker's."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
@@ -60,40 +65,60 @@ class MlflowWriter:
         theirs.close()
         self.connection = Connection(ours.detach())
         self.unread: deque[Reply] = deque()  # replies to calls sent, oldest first
+        self.failures: dict[str, Reply] = {}  # owner -> its first failed call not raised yet
+        self.owners: set[str] = set()  # trackers not finished; failures of others are dropped
         self.lock = threading.Lock()
 
-    def send(self, op: str, *args: Any) -> Reply:
-        """Send ``op(*args)`` and go on; reads the replies already there (raising a failure among them)."""
+    def send(self, owner: str, op: str, *args: Any) -> Reply:
+        """Send ``op(*args)`` and go on; raises a failure of the owner's earlier calls read by now."""
         with self.lock:
+            self.owners.add(owner)
             try:
-                self.connection.send((op, args))
+                self.connection.send((op, (owner, *args)))  # the writer's calls take the owner first
             except OSError:
                 self._gone()
-            reply = Reply(op)
+            reply = Reply(owner, op)
             self.unread.append(reply)
             self._read_ready()
+            self._raise_failure(owner)
             return reply
 
-    def call(self, op: str, *args: Any) -> Any:
+    def call(self, owner: str, op: str, *args: Any) -> Any:
         """``op(*args)``'s result, once the writer has made it and every call sent before it."""
-        return self.wait(self.send(op, *args))
+        return self.wait(self.send(owner, op, *args))
 
     def wait(self, reply: Reply) -> Any:
         with self.lock:
             while not reply.done:
                 self._read_one()
+            self._raise_failure(reply.owner)
         if not reply.ok:
-            raise TrackingError(f"MLflow {reply.op} failed: {reply.value}")
+            raise reply.error()
         return reply.value
 
-    def read_ready(self) -> None:
-        """Read the replies already there, without waiting; raises the first failure among them."""
+    def read_ready(self, owner: str) -> None:
+        """Read the replies already there, without waiting; raises a failure of the owner's."""
         with self.lock:
             self._read_ready()
+            self._raise_failure(owner)
+
+    def forget(self, owner: str) -> None:
+        """The owner is done: its failures read from now on are dropped."""
+        with self.lock:
+            self.owners.discard(owner)
+            self.failures.pop(owner, None)
+
+    def _raise_failure(self, owner: str) -> None:
+        failed = self.failures.pop(owner, None)
+        if failed is not None:
+            raise failed.error()
 
     def _read_ready(self) -> None:
-        while self.unread and self.connection.poll():
-            self._read_one()
+        try:
+            while self.unread and self.connection.poll():
+                self._read_one()
+        except OSError:
+            self._gone()
 
     def _read_one(self) -> None:
         reply = self.unread.popleft()
@@ -101,14 +126,29 @@ class MlflowWriter:
             reply.ok, reply.value = self.connection.recv()
         except (EOFError, OSError):
             self._gone()
+        except BaseException:  # e.g. Ctrl-C inside a message: the stream is out of step from here
+            self.connection.close()  # the writer sees it close and ends this process's runs FAILED
+            raise
         reply.done = True
-        if not reply.ok:
-            raise TrackingError(f"MLflow {reply.op} failed: {reply.value}")
+        if not reply.ok and reply.owner in self.owners:
+            self.failures.setdefault(reply.owner, reply)
+
+    def close(self) -> None:
+        """At exit: close the socket and let the writer finish (it ends any run left open as FAILED)."""
+        if os.getpid() != self.pid:
+            return
+        self.connection.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
     def _gone(self) -> None:
         self.unread.clear()
-        raise TrackingError(f"the MLflow writer process (pid {self.process.pid}) exited with status "
-                            f"{self.process.poll()}; its output above says why")
+        status = self.process.poll()
+        raise TrackingError(f"the MLflow writer process (pid {self.process.pid}) "
+                            + (f"exited with status {status}; its output above says why" if status is not None
+                               else "cannot be reached (its socket was closed by an interrupt)"))
 
 
 _writer: MlflowWriter | None = None
@@ -121,6 +161,7 @@ def writer() -> MlflowWriter:
     with _writer_lock:
         if _writer is None or _writer.pid != os.getpid() or _writer.process.poll() is not None:
             _writer = MlflowWriter()
+            atexit.register(_writer.close)
         return _writer
 
 
@@ -188,7 +229,7 @@ class _Store:
         self.artifact_repos[handle] = get_artifact_repository(run.info.artifact_uri, tracking_uri=uri)
         return run.info.run_id, run.info.run_name, run.info.experiment_id
 
-    def close_orphans(self, uri: str, experiment_id: str) -> None:
+    def close_orphans(self, uri: str, experiment_id: str) -> None:  # called by open
         """End as FAILED the RUNNING runs whose process on this machine is gone (a SIGKILL of both
         processes, a power cut)."""
         from mlflow.entities import ViewType

@@ -60,7 +60,7 @@ class MlflowTracker(Tracker):
         # calls for the run name it by this handle until its id is known.
         self._handle = uuid.uuid4().hex
         owner = {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
-        self._opened = self.writer.send("open", self._handle, uri, experiment, run_name, artifact_location,
+        self._opened = self.writer.send(self._handle, "open", uri, experiment, run_name, artifact_location,
                                         {**owner, **(tags or {})}, resume_run_id, os.getcwd())
         self._run: tuple[str, str, str] | None = None  # id, name, experiment id
         self._params: list[tuple[str, str]] = []
@@ -86,7 +86,7 @@ class MlflowTracker(Tracker):
         return self._opened_run()[2]
 
     def _log_batch(self, metrics: list | None = None, params: list | None = None, tags: list | None = None) -> None:
-        self.writer.send("log_batch", self._handle, metrics or [], params or [], tags or [])
+        self.writer.send(self._handle, "log_batch", metrics or [], params or [], tags or [])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Buffered like metrics, sent at the next :meth:`flush`."""
@@ -94,7 +94,7 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self._run is None:  # a store that cannot open the run stops training at its first step
-            self.writer.read_ready()
+            self.writer.read_ready(self._handle)
             if self._opened.done:
                 self._opened_run()
         now = int(time.time() * 1000)
@@ -107,7 +107,7 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: Path) -> None:
         """Copied into the run's artifacts by the writer, later: the file must not change after this."""
-        self.writer.send("log_artifact", self._handle, str(Path(path).resolve()))
+        self.writer.send(self._handle, "log_artifact", str(Path(path).resolve()))
 
     def flush(self) -> None:
         """Send the buffered params and metrics to the writer, which stores them while this process
@@ -126,9 +126,13 @@ class MlflowTracker(Tracker):
             return
         self._finished = True
         try:
-            self.flush()
+            self._opened_run()  # a run the store could not open has nothing to end: raises why
+            try:
+                self.flush()
+            finally:
+                self.writer.call(self._handle, "end", status)
         finally:
-            self.writer.call("end", self._handle, status)
+            self.writer.forget(self._handle)
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} ({self.run_name}) in experiment {self.experiment_id} at {self.uri}"

@@ -1,5 +1,7 @@
 """Interrupts and resume: SIGINT/SIGTERM write a checkpoint and end the MLflow run KILLED; resume
-continues to the same masks and metrics as an uninterrupted run; a SIGKILLed run is closed later."""
+continues to the same masks and metrics as an uninterrupted run; a run whose processes were all
+SIGKILLed is closed at the next start (its writer process ends it when only the training process
+dies: tests/test_mlflow_writer.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from harness.locking import file_lock
+
 from .conftest import REPO, run_cli
 
 ARGS = ["train.epochs=2", "train.finetune_epochs=6", "prune.end_epoch=4", "prune.target_sparsity=0.9"]
@@ -21,7 +25,8 @@ ARGS = ["train.epochs=2", "train.finetune_epochs=6", "prune.end_epoch=4", "prune
 def start(args, outputs, run_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
     cmd = [sys.executable, "-m", "harness", *args, f"outputs_dir={outputs}", f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, with its MLflow writer
 
 
 def wait_for(process, text, timeout=180):
@@ -40,6 +45,13 @@ def wait_for(process, text, timeout=180):
 def runs(outputs):
     client = MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
     return client, client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+
+
+def _experiment_runs(outputs):
+    """The runs in the store, read under the lock the harness takes while it creates the store."""
+    with file_lock(outputs / "mlflow.db.lock"):
+        client = MlflowClient(tracking_uri=f"sqlite:///{outputs / 'mlflow.db'}")
+        return client.get_experiment_by_name("pruning") is not None and runs(outputs)[1]
 
 
 @pytest.mark.slow
@@ -81,10 +93,14 @@ def test_interrupt_writes_checkpoint_and_resume_matches_an_uninterrupted_run(tmp
 
 
 @pytest.mark.slow
-def test_a_run_killed_with_sigkill_is_closed_as_failed_at_the_next_start(tmp_path):
+def test_a_run_whose_processes_were_killed_with_sigkill_is_closed_as_failed_at_the_next_start(tmp_path):
     process = start(ARGS, tmp_path, tmp_path / "run")
     wait_for(process, "prune epoch 1/6")
-    process.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not _experiment_runs(tmp_path):  # the writer opens the run while training starts
+        assert time.monotonic() < deadline, "the run never opened"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the training process and its MLflow writer
     process.wait()
     _, (orphan,) = runs(tmp_path)
     assert orphan.info.status == "RUNNING"
