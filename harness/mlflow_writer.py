@@ -218,6 +218,8 @@ class _Store:
             if resume_run_id:  # a resumed sweep's parent, or an interrupted run continued
                 run = client.get_run(resume_run_id)
                 client.update_run(resume_run_id, status="RUNNING")
+                for key in ("harness.host", "harness.pid"):  # its new owner: not an orphan to close
+                    client.set_tag(resume_run_id, key, tags[key])
             else:
                 found = client.get_experiment_by_name(experiment)
                 experiment_id = (found.experiment_id if found is not None else

@@ -46,6 +46,20 @@ def test_a_finished_run_holds_everything_sent_in_order(tmp_path, sqlite_uri):
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
+def test_a_resumed_run_belongs_to_the_resuming_process_and_is_not_closed_as_an_orphan(sqlite_uri):
+    first = MlflowTracker(sqlite_uri, "pruning")
+    first.finish("KILLED")  # an interrupted run, owned by a process that has since exited
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    client.set_tag(first.run_id, "harness.pid", "999999999")
+    resumed = MlflowTracker(sqlite_uri, "pruning", resume_run_id=first.run_id)
+    other = MlflowTracker(sqlite_uri, "pruning")  # a run starting meanwhile looks for orphans
+    other.finish()
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["harness.pid"] == str(os.getpid())
+    resumed.finish()
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+
+
 def test_a_failed_write_reaches_the_training_process_and_the_run_ends_failed(sqlite_uri):
     tracker = MlflowTracker(sqlite_uri, "pruning")
     with pytest.raises(TrackingError, match=r"MLflow log_batch failed: .*prune\.target_sparsity"), \
