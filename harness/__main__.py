@@ -13,8 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import Config, apply_lpot_file, register_configs, to_config
+from harness.config import Config, TrackingBackend, apply_lpot_file, register_configs, to_config
 from harness.errors import HarnessError, Interrupted, user_error_message
+from harness.mlflow_writer import writer
 
 if TYPE_CHECKING:
     from harness.sweep.trial import TrialLink
@@ -28,6 +29,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> dict[str, float]:
+    if cfg.tracking.backend == TrackingBackend.mlflow:
+        writer()  # its process imports MLflow while this one imports torch
     from harness import runner  # imported here so that config errors surface before torch loads
 
     try:

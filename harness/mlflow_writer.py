@@ -286,6 +286,10 @@ def serve(connection: Connection) -> None:
 
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
         logging.getLogger(name).setLevel(logging.WARNING)  # schema migrations log a screenful
+    # Imported before the first call arrives: the training process starts this process early.
+    import mlflow.store.tracking.sqlalchemy_store
+    import mlflow.tracking  # noqa: F401
+
     store = _Store()
     while True:
         try:
@@ -307,3 +311,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(Connection(int(sys.argv[1])))
+    # Every call is made: skip the interpreter's teardown and MLflow's exit handlers (its telemetry
+    # flush alone keeps an offline machine waiting about a second), which the training process
+    # would wait for at its exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
