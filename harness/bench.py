@@ -141,6 +141,7 @@ class Settings:
     budget_c: float = 40.0
     budget_d: float = 6.0
     budget_e: float = 60.0
+    budget_e_process: float = 70.0
     budget_f: float = 220.0
     budget_g: float = 12.0  # per sparsity
     budget_h: float = 20.0
@@ -158,7 +159,8 @@ class Settings:
     def quick_sizes(cls) -> Settings:
         return cls(quick=True, mlp_hidden=256, mlp_batch=32, resnet_batch=4, resnet_image=16,
                    conv_model="small_cnn", global_model="mlp", budget_a_mlp=2.0, budget_a_resnet=3.0,
-                   budget_b=2.0, budget_c=2.0, budget_d=1.0, budget_e=1.0, budget_f=1.0, min_repeats=3,
+                   budget_b=2.0, budget_c=2.0, budget_d=1.0, budget_e=1.0, budget_e_process=1.0, budget_f=1.0,
+                   min_repeats=3,
                    e_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
                    f_trials=1, f_overrides=("train.epochs=1", "train.finetune_epochs=1", "prune.end_epoch=0"),
                    f_pairs=1, export_hidden=256, export_batch=16, surgery_model="small_cnn", surgery_batch=4,
@@ -653,6 +655,21 @@ def default_tracking_env() -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+def child_env(ctx: Context) -> dict[str, str]:
+    """The environment of a timed ``python -m harness``: the default stores, the bench's threads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    return env | {"OMP_NUM_THREADS": str(ctx.threads), "MKL_NUM_THREADS": str(ctx.threads)}
+
+
+def launch(command: list[str], env: dict[str, str], log: Path) -> tuple[float, int]:
+    """Seconds from start to exit of ``command`` run from the checkout (output to ``log``), and its
+    exit status."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    return time.perf_counter() - start, code
+
+
 def item_e(ctx: Context) -> list[Result]:
     from harness import runner
     from harness.baseline import baseline_key
@@ -680,16 +697,48 @@ def item_e(ctx: Context) -> list[Result]:
         warm = time.perf_counter() - warm
         ctx.warmed.add(baseline_key(tracked))
         t = interleave({"mlflow": timed(run(tracked)), "none": timed(run(untracked))},
-                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12, rounds=2)
+                       budget_s=s.budget_e, min_repeats=2 if not s.quick else 1, max_repeats=12, rounds=3)
     ratio = median_ratio(t["mlflow"], t["none"])
+    process_result = _e_processes(ctx, common, runs)
     what = "the default config" + (f" with {' '.join(s.e_overrides)}" if s.e_overrides else "")
     details = (f"harness.runner.run on {what} (dense baseline cached), MLflow SQLite store in a temp dir, "
                f"written by the process's MLflow writer (started by the warm-up run); "
                f"median run {statistics.median(t['mlflow']):.2f} s with MLflow, "
-               f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved repeats of 2 "
-               f"rounds, each arm's faster round "
+               f"{statistics.median(t['none']):.2f} s with tracking=none; {len(t['none'])} interleaved repeats of 3 "
+               f"rounds, each arm's fastest round "
                f"(untimed warm-up run {warm:.1f} s)")
-    return [result("e. run with MLflow / tracking=none", ratio, 1.05, "-", details)]
+    return [result("e. run with MLflow / tracking=none", ratio, 1.05, "-", details), process_result]
+
+
+def _e_processes(ctx: Context, common: list[str], runs: Path) -> Result:
+    """Item e as a user meets it: the whole ``python -m harness`` process (interpreter start,
+    imports, MLflow's writer process starting beside it, exit), with MLflow and with
+    ``tracking=none``; the baseline cached by the in-process warm-up."""
+    s = ctx.settings
+    env, failures, counter = child_env(ctx), [], iter(range(10**6))
+
+    def process(extra: list[str]) -> Callable[[], float]:
+        def go() -> float:
+            where = runs / f"process-{next(counter)}"
+            seconds, code = launch([sys.executable, "-m", "harness", *common, *extra, f"hydra.run.dir={where}"],
+                                   env, runs / f"{where.name}.log")
+            if code != 0:
+                failures.append(f"python -m harness {' '.join(extra)} exited {code}: "
+                                f"{(runs / f'{where.name}.log').read_text()[-1500:]}")
+            return seconds
+
+        return go
+
+    with default_tracking_env():
+        t = interleave({"mlflow": process([]), "none": process(["tracking=none"])}, budget_s=s.budget_e_process,
+                       min_repeats=3 if not s.quick else 1, max_repeats=10)
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    details = (f"`python -m harness` timed from start to exit, default MLflow SQLite store vs tracking=none, "
+               f"dense baseline cached; median {statistics.median(t['mlflow']):.2f} s vs "
+               f"{statistics.median(t['none']):.2f} s; {len(t['none'])} interleaved repeats")
+    return result("e. python -m harness with MLflow / tracking=none", median_ratio(t["mlflow"], t["none"]),
+                  1.05, "-", details)
 
 
 # -- f. sweep overhead --------------------------------------------------------------------------
@@ -745,8 +794,7 @@ def item_f(ctx: Context) -> list[Result]:
     s = ctx.settings
     outputs = ctx.workdir / "outputs"
     fixed = [*s.f_overrides, f"outputs_dir={outputs}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
-    env |= {"OMP_NUM_THREADS": str(ctx.threads), "MKL_NUM_THREADS": str(ctx.threads)}
+    env = child_env(ctx)
     logs = ctx.workdir / "f-logs"
     logs.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{outputs / 'optuna.db'}"
@@ -764,19 +812,16 @@ def item_f(ctx: Context) -> list[Result]:
         optuna.create_study(study_name="bench-warmup", storage=storage)  # Optuna schema created
         warm = time.perf_counter() - warm
 
-    def launch(kind: str, command: list[str]) -> float:
+    def run(kind: str, command: list[str]) -> float:
         log = logs / f"{kind}-{len(list(logs.iterdir()))}.log"
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-        elapsed = time.perf_counter() - start
+        elapsed, code = launch(command, env, log)
         if code != 0:
             failures.append(f"{kind} exited {code}: {log.read_text()[-1500:]}")
         return elapsed
 
     def sweep() -> float:
         r = next(repeat)
-        return launch("sweep", [
+        return run("sweep", [
             sys.executable, "-m", "harness", "--multirun", "hydra/sweeper=harness_optuna",
             f"hydra.sweeper.n_trials={s.f_trials}", f"hydra.sweeper.study_name=bench-sweep-{r}",
             f"prune.target_sparsity=interval({low}, {high})", f"prune.schedule=choice({choices})",
@@ -786,7 +831,7 @@ def item_f(ctx: Context) -> list[Result]:
         r = next(repeat)
         spec = {"trials": s.f_trials, "study": f"bench-plain-{r}", "storage": storage, "fixed": fixed,
                 "run_dir": str(ctx.workdir / f"plain-{r}")}
-        return launch("plain", [sys.executable, "-m", "harness.bench", "--plain-optuna-loop", json.dumps(spec)])
+        return run("plain", [sys.executable, "-m", "harness.bench", "--plain-optuna-loop", json.dumps(spec)])
 
     t = interleave({"sweep": sweep, "plain": plain}, budget_s=s.budget_f, min_repeats=1, max_repeats=s.f_pairs)
     if failures:
