@@ -4,10 +4,10 @@ Each MLflow write through the SQLAlchemy store costs the Python interpreter tens
 microseconds per row (ORM objects, a transaction): ~45 ms for a default run, 5% of it, and
 importing MLflow takes a second. Weights & Biases moves this work out of the training process
 for the same reason; here one helper process per training process (``python -m
-harness.mlflow_writer``, started with the first tracked run) makes the calls in order with
-``MlflowClient``, and the training process pickles each call onto a socket and goes on. Calls
-for a run name it by a handle the training process chose, so even opening the run does not
-wait: its id is awaited only where it is used. Ending a run waits until the store holds
+harness.mlflow_writer``, started as soon as the config says MLflow, or by the first tracked
+run) makes the calls in order with ``MlflowClient``, and the training process pickles each call
+onto a socket and goes on. Calls for a run name it by a handle the training process chose, so
+even opening the run does not wait: its id is awaited only where it is used. Ending a run waits until the store holds
 everything sent before. Replies are read at the next call of the same tracker, so a failed
 call raises there (within a training step), and never in another tracker.
 
@@ -156,7 +156,8 @@ _writer_lock = threading.Lock()
 
 
 def writer() -> MlflowWriter:
-    """This process's writer, started on first use (about a second: the helper imports MLflow)."""
+    """This process's writer, started on first use (it imports MLflow for about a second, beside
+    whatever this process does meanwhile)."""
     global _writer
     with _writer_lock:
         if _writer is None or _writer.pid != os.getpid() or _writer.process.poll() is not None:
@@ -266,13 +267,12 @@ class _Store:
 
     def end_all_open(self) -> None:
         """The training process is gone: no run of its stays RUNNING."""
-        for handle in list(self.runs):
+        for handle, (_, run_id) in list(self.runs.items()):
             try:
-                client, run_id = self.run(handle)
-                client.set_tag(run_id, "error", "the process running this run died")
+                self.run(handle)[0].set_tag(run_id, "error", "the process running this run died")
                 self.end(handle, "FAILED")
             except Exception as err:  # the next start's orphan check is the fallback
-                print(f"harness.mlflow_writer: could not end run {self.runs[handle][1]}: {err}", file=sys.stderr)
+                print(f"harness.mlflow_writer: could not end run {run_id}: {err}", file=sys.stderr)
 
 
 def _one_line(err: BaseException) -> str:
@@ -311,9 +311,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(Connection(int(sys.argv[1])))
-    # Every call is made: skip the interpreter's teardown and MLflow's exit handlers (its telemetry
-    # flush alone keeps an offline machine waiting about a second), which the training process
-    # would wait for at its exit.
+    # Every call is made: skip the interpreter's teardown and MLflow's exit handlers (about a second
+    # measured here), which the training process would wait for at its exit.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
