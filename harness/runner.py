@@ -85,6 +85,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
         tracker.log_params(flatten(config_dict(cfg)))
 
         def train_dense(m: torch.nn.Module) -> tuple[float, float]:
+            tracker.flush()  # the params, in the MLflow UI during a long phase without metrics
             log.info("training the dense baseline (%d epochs)", cfg.train.epochs)
             fit(m, data.train, data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
                 device=device, desc="dense")
@@ -99,6 +100,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
         log.info(baseline_note)
         metrics = {"baseline/accuracy": baseline.val_accuracy, "baseline/test_accuracy": baseline.test_accuracy}
 
+        if cfg.analyze.mode == AnalyzeMode.sensitivity or cfg.prune.allocation == Allocation.sensitivity:
+            tracker.flush()  # as above: the analysis can take long
         if cfg.analyze.mode == AnalyzeMode.sensitivity:
             table = _sensitivity(cfg, model, data, baseline, device, cfg.analyze.names)
             _report_sensitivity(table, output_dir, tracker)
