@@ -69,8 +69,9 @@ class MlflowWriter:
         self.owners: set[str] = set()  # trackers not finished; failures of others are dropped
         self.lock = threading.Lock()
 
-    def send(self, owner: str, op: str, *args: Any) -> Reply:
-        """Send ``op(*args)`` and go on; raises a failure of the owner's earlier calls read by now."""
+    def send(self, owner: str, op: str, *args: Any, check: bool = True) -> Reply:
+        """Send ``op(*args)`` and go on; with ``check``, raises a failure of the owner's earlier
+        calls read by now (the call is sent all the same)."""
         with self.lock:
             self.owners.add(owner)
             try:
@@ -80,7 +81,8 @@ class MlflowWriter:
             reply = Reply(owner, op)
             self.unread.append(reply)
             self._read_ready()
-            self._raise_failure(owner)
+            if check:
+                self._raise_failure(owner)
             return reply
 
     def call(self, owner: str, op: str, *args: Any) -> Any:
@@ -95,6 +97,13 @@ class MlflowWriter:
         if not reply.ok:
             raise reply.error()
         return reply.value
+
+    def settle(self, reply: Reply) -> bool:
+        """Whether the call succeeded, once its reply is read; raises nothing."""
+        with self.lock:
+            while not reply.done:
+                self._read_one()
+        return reply.ok
 
     def read_ready(self, owner: str) -> None:
         """Read the replies already there, without waiting; raises a failure of the owner's."""

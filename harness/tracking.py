@@ -126,11 +126,13 @@ class MlflowTracker(Tracker):
             return
         self._finished = True
         try:
-            self._opened_run()  # a run the store could not open has nothing to end: raises why
             try:
                 self.flush()
             finally:
-                self.writer.call(self._handle, "end", status)
+                if not self.writer.settle(self._opened):
+                    raise self._opened.error()  # a run the store could not open has nothing to end
+                # Ended even when an earlier call of this run failed (raised once the end is stored).
+                self.writer.wait(self.writer.send(self._handle, "end", status, check=False))
         finally:
             self.writer.forget(self._handle)
 

@@ -92,6 +92,26 @@ def test_a_store_that_cannot_open_the_run_stops_training_at_its_first_step(tmp_p
         train()
 
 
+def test_a_failure_is_raised_in_its_own_tracker_only(tmp_path, sqlite_uri):
+    good = MlflowTracker(sqlite_uri, "pruning")
+    good.log_params({"a": 1})
+    good.flush()
+    bad = MlflowTracker(sqlite_uri, "pruning")
+    bad.log_params({"a": 1})
+    bad.flush()
+    bad.log_params({"a": 2})  # refused by MLflow, in the writer, while both runs go on
+    bad.flush()
+    for step in range(1, 50):
+        good.log_metrics({"train/loss": 1.0}, step)
+        good.flush()
+    good.finish()  # never sees the other run's failure
+    with pytest.raises(TrackingError, match="log_batch failed"):
+        bad.finish()
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    assert client.get_run(good.run_id).info.status == "FINISHED"
+    assert client.get_run(bad.run_id).info.status == "FINISHED"  # ended all the same, never RUNNING
+
+
 def test_a_writer_that_died_is_reported_and_replaced(sqlite_uri):
     tracker = MlflowTracker(sqlite_uri, "pruning")
     run_id = tracker.run_id
