@@ -1,6 +1,6 @@
 """Experiment tracking behind one small interface: MLflow, or nothing.
 
-The MLflow tracker buffers metrics and sends them with ``log_batch`` in chunks instead of one
+The MLflow tracker buffers params and metrics and sends them with ``log_batch`` in chunks, not one
 request per value; a helper process makes the store calls (:mod:`harness.mlflow_writer`), so
 training does not wait for them. Runs are addressed by id (no global active run), so several
 runs can live in one process.
