@@ -487,10 +487,7 @@ class PrunedConv2d(nn.Conv2d):
             y = y.add_(self._map(x))  # in place: the conv's backward does not need its output
         if self.out_index is None:
             return y
-        if self._zero_fill is None:
-            self._zero_fill = not bool(self.fill_values.any())
-        return _scatter_channels(y, self.full_out_channels, self.out_index, self.fill_index, self.fill_values,
-                                 self._zero_fill)
+        return _scatter_channels(self, y)
 
     def _apply(self, fn: Any, recurse: bool = True) -> PrunedConv2d:
         self._maps, self._zero_fill = {}, None
@@ -509,19 +506,23 @@ class PrunedConv2d(nn.Conv2d):
         return ", ".join(parts)
 
 
-def _scatter_channels(y: Tensor, channels: int, out_index: Tensor, fill_index: Tensor, fill_values: Tensor,
-                      zero_fill: bool) -> Tensor:
-    """``y`` (N, C, H, W or C, H, W) as channels ``out_index`` of a ``channels`` wide tensor whose
-    channels ``fill_index`` hold the constants ``fill_values``."""
+def _scatter_channels(module: Any, y: Tensor) -> Tensor:
+    """``y`` (N, C, H, W or C, H, W) as channels ``module.out_index`` of a
+    ``module.full_out_channels`` wide tensor whose channels ``module.fill_index`` hold the
+    constants ``module.fill_values`` (whether they are all zero is read once, then kept in
+    ``module._zero_fill``: a sync on a GPU)."""
+    if module._zero_fill is None:
+        module._zero_fill = not bool(module.fill_values.any())
+    channels, out_index, fill_index = module.full_out_channels, module.out_index, module.fill_index
     batch = y if y.dim() == 4 else y.unsqueeze(0)
     n, _, h, w = batch.shape
     # A zeroed (or constant-filled) full-width tensor, then the computed channels assigned into
     # it: measured here about twice as fast as an index_copy_ plus an index_fill_ of the rest.
-    if zero_fill:
+    if module._zero_fill:
         out = batch.new_zeros((n, channels, h, w))
     else:
         background = batch.new_zeros(channels)
-        background[fill_index] = fill_values.to(batch.dtype)
+        background[fill_index] = module.fill_values.to(batch.dtype)
         out = background.view(1, -1, 1, 1).expand(n, -1, h, w).contiguous()
     out[:, out_index] = batch
     return out if y.dim() == 4 else out[0]
@@ -542,11 +543,7 @@ class _ScatteredOutput:
         self._zero_fill: bool | None = None  # read once from fill_values (a sync on a GPU)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)  # type: ignore[misc]
-        if self._zero_fill is None:
-            self._zero_fill = not bool(self.fill_values.any())
-        return _scatter_channels(y, self.full_out_channels, self.out_index, self.fill_index, self.fill_values,
-                                 self._zero_fill)
+        return _scatter_channels(self, super().forward(x))  # type: ignore[misc]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._zero_fill = None

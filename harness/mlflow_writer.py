@@ -85,25 +85,21 @@ class MlflowWriter:
                 self._raise_failure(owner)
             return reply
 
-    def call(self, owner: str, op: str, *args: Any) -> Any:
-        """``op(*args)``'s result, once the writer has made it and every call sent before it."""
-        return self.wait(self.send(owner, op, *args))
-
-    def wait(self, reply: Reply) -> Any:
-        with self.lock:
-            while not reply.done:
-                self._read_one()
-            self._raise_failure(reply.owner)
-        if not reply.ok:
-            raise reply.error()
-        return reply.value
-
     def settle(self, reply: Reply) -> bool:
-        """Whether the call succeeded, once its reply is read; raises nothing."""
+        """Whether the call succeeded, once its reply is read (and every reply before it)."""
         with self.lock:
             while not reply.done:
                 self._read_one()
         return reply.ok
+
+    def wait(self, reply: Reply) -> Any:
+        """The call's result, once the writer has made it and every call sent before it; raises
+        the first failure of the owner's calls up to it."""
+        self.settle(reply)
+        self.read_ready(reply.owner)
+        if not reply.ok:
+            raise reply.error()
+        return reply.value
 
     def read_ready(self, owner: str) -> None:
         """Read the replies already there, without waiting; raises a failure of the owner's."""
