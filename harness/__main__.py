@@ -56,7 +56,7 @@ def _sweep_trial(config: Config) -> TrialLink | None:
         return None
     from harness.sweep.trial import TrialLink
 
-    return TrialLink.from_config(config.sweep_trial)
+    return TrialLink.from_config(config)
 
 
 def main() -> None:

@@ -105,6 +105,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_schedule: LrSchedule = LrSchedule.cosine
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:N
+    # The fine-tuning's randomness (data order, initial RNG state); unset: seed + 1. ``seed`` keeps
+    # choosing the dense baseline, so other fine-tuning seeds re-run the same baseline.
+    finetune_seed: int | None = None
+
+    def finetune_seed_for(self, seed: int) -> int:
+        return self.finetune_seed if self.finetune_seed is not None else seed + 1
 
     def __post_init__(self) -> None:
         for key in ("epochs", "finetune_epochs"):
@@ -204,9 +210,7 @@ class SweepTrialConfig:
     study: str | None = None
     number: int = -1
     parent_run_id: str | None = None  # the sweep's MLflow run, to nest this run under it
-    pruner: str = "none"
-    pruner_startup_trials: int = 0
-    pruner_warmup_steps: int = 0
+    confirmation_seed: int | None = None  # set on a confirmation run: the trial re-run with this finetune_seed
 
 
 @dataclass

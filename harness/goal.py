@@ -27,3 +27,10 @@ def judge(goal: GoalConfig, dense_accuracy: float, pruned_accuracy: float) -> Ve
     else:
         drop = dense_accuracy - pruned_accuracy
     return Verdict(drop <= goal.max_drop + 1e-12, drop, goal.criterion, goal.max_drop)
+
+
+def goal_threshold(goal: GoalConfig, dense_accuracy: float) -> float:
+    """The lowest pruned accuracy that meets the goal against ``dense_accuracy``."""
+    if goal.criterion == GoalCriterion.relative:
+        return dense_accuracy * (1.0 - goal.max_drop)
+    return dense_accuracy - goal.max_drop

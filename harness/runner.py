@@ -98,6 +98,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
                          f"{'reused from cache, no dense epochs run' if baseline.reused else 'trained and cached'}"
                          f" ({baseline.path})")
         log.info(baseline_note)
+        if trial:
+            trial.on_baseline(baseline.val_accuracy)
         metrics = {"baseline/accuracy": baseline.val_accuracy, "baseline/test_accuracy": baseline.test_accuracy}
 
         if cfg.analyze.mode == AnalyzeMode.sensitivity or cfg.prune.allocation == Allocation.sensitivity:
@@ -126,8 +128,9 @@ def run(cfg: Config, output_dir: Path, trial: Any = None,
             history = []
         else:
             # Same fine-tuning randomness whether the baseline was just trained or loaded.
-            seed_everything(cfg.seed + 1)
-            data.train.generator.manual_seed(cfg.seed + 1)
+            finetune_seed = cfg.train.finetune_seed_for(cfg.seed)
+            seed_everything(finetune_seed)
+            data.train.generator.manual_seed(finetune_seed)
             if resume is not None:
                 pruning.load_state_dict(resume.pruning)
                 updates.extend(resume.updates)

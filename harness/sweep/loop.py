@@ -11,6 +11,7 @@ process died is marked FAIL at the next start and replaced.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from harness.sweep.study import (
     FINISHED,
     count,
     fail_dead_trials,
+    failed_trials,
     make_pruner,
     make_sampler,
     make_storage,
@@ -45,10 +47,13 @@ class SweepSettings:
     goal_constraint: bool  # trials that miss the accuracy goal are infeasible
     sampler: str = "tpe"
     seed: int | None = 0
-    pruner: str = "median"
-    pruner_startup_trials: int = 5
-    pruner_warmup_steps: int = 2
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "goal"})  # hydra.sweeper.pruner
     max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (not pruned)
+
+    @property
+    def failure_limit(self) -> int:
+        """Failed trials (of the whole study, whatever the workers and restarts) that stop the sweep."""
+        return max(1, math.floor(self.max_failure_rate * self.n_trials + 1e-9))
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Outcome:
     pruned: bool = False
     error: str | None = None
     stop: BaseException | None = None  # an interruption (SIGINT, SIGTERM) to pass on after telling FAIL
+    output_dir: str | None = None  # the job's folder (its log)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class WorkerReport:
     ran: list[int] = field(default_factory=list)  # trial numbers this worker ran
     failed: list[int] = field(default_factory=list)
     stale: list[optuna.trial.FrozenTrial] = field(default_factory=list)  # dead trials marked FAIL
+    stopped_on_failures: bool = False
 
 
 def open_study(settings: SweepSettings) -> optuna.Study:
@@ -77,7 +84,7 @@ def open_study(settings: SweepSettings) -> optuna.Study:
             storage=make_storage(settings.storage),
             directions=settings.directions,
             sampler=make_sampler(settings.sampler, settings.seed),
-            pruner=make_pruner(settings.pruner, settings.pruner_startup_trials, settings.pruner_warmup_steps),
+            pruner=make_pruner(settings.pruner),
             load_if_exists=True,
         )
 
@@ -90,31 +97,36 @@ def run_worker(
     """Ask, run and tell until the study has ``n_trials`` finished (or running) trials."""
     study = open_study(settings)
     report = WorkerReport(stale=fail_dead_trials(study))
-    # Trials that died with an earlier process were replaced, not failed by this sweep's runs.
-    dead_at_start = count(study, (TrialState.FAIL,))
+    limit = settings.failure_limit
     while True:
-        failed = count(study, (TrialState.FAIL,)) - dead_at_start
-        if failed > settings.max_failure_rate * settings.n_trials:
-            log.warning("stopping: %d of %d trials failed (hydra.sweeper.max_failure_rate=%g)",
-                        failed, settings.n_trials, settings.max_failure_rate)
-            break
         with study_lock(settings.storage, settings.study_name):
+            # Failures count over the whole study (all workers, all restarts); trials lost with their
+            # process were replaced and do not count.
+            failed, running = len(failed_trials(study)), count(study, (TrialState.RUNNING,))
+            if failed >= limit:
+                report.stopped_on_failures = True
+                break
             busy = count(study, (*FINISHED, TrialState.RUNNING))
-            trial = study.ask() if busy < settings.n_trials else None
+            # Once trials fail, the running ones may fail too: start no more than could fail within the limit.
+            room = failed == 0 or failed + running < limit
+            trial = study.ask() if busy < settings.n_trials and room else None
             if trial is not None:
                 mark_worker(trial)
         if trial is None:
-            if count(study, (TrialState.RUNNING,)) == 0 or count(study, FINISHED) >= settings.n_trials:
+            if running == 0:  # (then n_trials are finished: with none running there was room to ask)
                 break
-            time.sleep(2.0)  # others are running the last trials; one may fail and need replacing
+            time.sleep(1.0)  # others are running the last trials; one may fail and need replacing
             continue
         values = space.suggest(trial)
         try:
             outcome = run_trial(trial, space.to_overrides(values))
         except BaseException as err:  # Ctrl-C or SIGTERM outside the training loop: never leave it RUNNING
+            trial.set_user_attr("lost", f"interrupted ({type(err).__name__})")
             study.tell(trial, state=TrialState.FAIL)
             raise err
         report.ran.append(trial.number)
+        if outcome.stop is not None:  # replaced when the sweep resumes, not counted as a failure
+            trial.set_user_attr("lost", f"interrupted ({outcome.error})")
         _tell(study, trial, outcome, settings)
         if outcome.error is not None:
             report.failed.append(trial.number)
@@ -128,6 +140,8 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, sett
         study.tell(trial, state=TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)
         return
+    if outcome.output_dir:
+        trial.set_user_attr("output_dir", outcome.output_dir)
     if outcome.error is not None or outcome.metrics is None:
         trial.set_user_attr("error", (outcome.error or "no result")[:2000])
         study.tell(trial, state=TrialState.FAIL)
@@ -148,14 +162,14 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, sett
              ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, "final/accuracy") if k in metrics))
 
 
-def describe_outcome(value: Any) -> Outcome:
+def describe_outcome(value: Any, output_dir: str | None = None) -> Outcome:
     """Turn what a Hydra job returned (or raised) into an :class:`Outcome`."""
     if isinstance(value, optuna.TrialPruned):
-        return Outcome(pruned=True)
+        return Outcome(pruned=True, output_dir=output_dir)
     if isinstance(value, Interrupted | KeyboardInterrupt):
-        return Outcome(error=f"{type(value).__name__}: {value}", stop=value)
+        return Outcome(error=f"{type(value).__name__}: {value}", stop=value, output_dir=output_dir)
     if isinstance(value, BaseException):
-        return Outcome(error=f"{type(value).__name__}: {value}")
+        return Outcome(error=f"{type(value).__name__}: {value}", output_dir=output_dir)
     if isinstance(value, dict):
-        return Outcome(metrics={k: float(v) for k, v in value.items()})
-    return Outcome(error=f"the run returned {type(value).__name__}, not its metrics")
+        return Outcome(metrics={k: float(v) for k, v in value.items()}, output_dir=output_dir)
+    return Outcome(error=f"the run returned {type(value).__name__}, not its metrics", output_dir=output_dir)

@@ -92,9 +92,30 @@ class SearchSpace:
         values.update(self.fixed)
         return values
 
+    def describe(self) -> list[str]:
+        """One line per key as it will be sampled (or fixed), for the start of a sweep's output."""
+        lines = [f"{key}: {describe_distribution(dist)}" for key, dist in self.distributions.items()]
+        return lines + [f"{key}: {encode_value(value)} (fixed)" for key, value in self.fixed.items()]
+
+    def without(self, keys: set[str]) -> SearchSpace:
+        """The space less ``keys`` (keys fixed on the command line leave the search)."""
+        return SearchSpace({k: d for k, d in self.distributions.items() if k not in keys},
+                           {k: v for k, v in self.fixed.items() if k not in keys},
+                           {k: v for k, v in self.container_choices.items() if k not in keys})
+
     def to_overrides(self, values: Mapping[str, Any]) -> list[str]:
         """``key=value`` overrides that Hydra's parser reads back as the same values and types."""
         return [f"{key}={encode_value(value)}" for key, value in values.items()]
+
+
+def describe_distribution(dist: BaseDistribution) -> str:
+    if isinstance(dist, CategoricalDistribution):
+        return "one of " + ", ".join(encode_value(c) for c in dist.choices)
+    if isinstance(dist, FloatDistribution | IntDistribution):
+        kind = "int" if isinstance(dist, IntDistribution) else "float"
+        step = f", step {dist.step:g}" if dist.step is not None and dist.step != 1 else ""
+        return f"{kind} in [{dist.low:g}, {dist.high:g}]{step}{', log scale' if dist.log else ''}"
+    return repr(dist)
 
 
 def encode_value(value: Any) -> str:

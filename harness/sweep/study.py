@@ -20,10 +20,12 @@ from optuna.trial import TrialState
 
 from harness.errors import ConfigError
 from harness.locking import file_lock, process_alive
+from harness.sweep.pruners import GoalPruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "nsga2", "qmc")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+PRUNERS = ("goal", "median", "percentile", "successive_halving", "hyperband", "none")
+PRUNER_ATTR = "harness.pruner"  # the pruner's settings, stored on the study for the trials' runs
 
 
 def default_storage(outputs_dir: str | Path) -> str:
@@ -53,7 +55,14 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise ConfigError(f"hydra.sweeper.sampler.name={name}: must be one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(name: str, n_startup_trials: int, n_warmup_steps: int) -> optuna.pruners.BasePruner:
+def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
+    """The pruner of ``hydra.sweeper.pruner`` (name, n_startup_trials, n_warmup_steps, recovery_margin)."""
+    name = settings.get("name", "goal")
+    n_startup_trials, n_warmup_steps = int(settings.get("n_startup_trials", 5)), int(settings.get("n_warmup_steps", 2))
+    if name == "goal":
+        return GoalPruner(objective=settings.get("objective", "final/sparsity"),
+                          recovery_margin=float(settings.get("recovery_margin", 0.02)),
+                          min_finished=n_startup_trials)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
     if name == "percentile":
@@ -101,15 +110,23 @@ def mark_worker(trial: optuna.trial.Trial) -> None:
 
 
 def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Mark FAIL the RUNNING trials whose process on this host is gone; return them."""
+    """Mark FAIL the RUNNING trials whose process on this host is gone; return them.
+
+    They are marked ``lost``: replaced, and not counted against ``max_failure_rate``."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker") or {}
         if worker.get("host") == socket.gethostname() and not process_alive(int(worker.get("pid", -1))):
             with contextlib.suppress(Exception):  # another worker may have just done it
+                study._storage.set_trial_user_attr(trial._trial_id, "lost", f"its process {worker.get('pid')} died")
                 study.tell(trial.number, state=TrialState.FAIL)
                 failed.append(trial)
     return failed
+
+
+def failed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that failed by themselves (an error), not lost with their process."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "lost" not in t.user_attrs]
 
 
 def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:

@@ -3,7 +3,7 @@ accuracy and the command that reproduces it, ``optimization_results.yaml``, and 
 
 from __future__ import annotations
 
-import shlex
+import csv
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,9 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, GoalCriterion
+from harness.sweep.command import trial_command
+from harness.sweep.confirm import Candidate
+from harness.sweep.identity import StudyIdentity
 from harness.sweep.space import SearchSpace
 
 
@@ -27,6 +30,7 @@ class Chosen:
     metrics: dict[str, float]
     command: str
     mlflow_run_id: str | None
+    confirmation: Candidate | None = None  # its runs with other fine-tuning seeds, when confirmed
 
 
 def chosen_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -39,25 +43,34 @@ def chosen_trials(study: optuna.Study) -> list[FrozenTrial]:
         return []
 
 
-def describe(study: optuna.Study, space: SearchSpace, base_command: list[str]) -> list[Chosen]:
+def describe(study: optuna.Study, space: SearchSpace, base: list[str], confirmed: list[Candidate],
+             best: Candidate | None) -> list[Chosen]:
+    """The recommended trials with their commands: the confirmed best when candidates were confirmed,
+    else the best feasible trial or the Pareto front."""
+    trials = ([best.trial] if best else []) if confirmed else chosen_trials(study)
     chosen = []
-    for trial in chosen_trials(study):
-        overrides = space.to_overrides({**trial.params, **space.fixed})
-        command = shlex.join(["python", "-m", "harness", *base_command, *overrides])
+    for trial in trials:
+        command = trial_command(base, space.to_overrides({**trial.params, **space.fixed}))
         chosen.append(Chosen(trial.number, dict(trial.params), list(trial.values or []),
                              dict(trial.user_attrs.get("metrics", {})), command,
-                             trial.user_attrs.get("mlflow_run_id")))
+                             trial.user_attrs.get("mlflow_run_id"), best if confirmed else None))
     return chosen
 
 
-def write_results(path: Path, study: optuna.Study, chosen: list[Chosen]) -> None:
-    """``optimization_results.yaml``, shaped like the published Optuna sweeper's, plus val/test accuracy
-    and the command for each recommended trial."""
+def write_results(path: Path, study: optuna.Study, chosen: list[Chosen], identity: StudyIdentity,
+                  confirmed: list[Candidate]) -> None:
+    """``optimization_results.yaml``, shaped like the published Optuna sweeper's, plus val/test accuracy,
+    the confirmation runs and the command for each recommended trial."""
     def entry(c: Chosen) -> dict[str, Any]:
-        return {"number": c.number, "params": c.params, "values": c.values,
+        item = {"number": c.number, "params": c.params, "values": c.values,
+                "sparsity": c.metrics.get("final/sparsity"),
                 "val_accuracy": c.metrics.get("final/accuracy"),
                 "test_accuracy": c.metrics.get("final/test_accuracy"),
-                "sparsity": c.metrics.get("final/sparsity"), "command": c.command}
+                "baseline_val_accuracy": c.metrics.get("baseline/accuracy"),
+                "baseline_test_accuracy": c.metrics.get("baseline/test_accuracy")}
+        if c.confirmation is not None:
+            item["confirmed"] = c.confirmation.summary()
+        return item | {"command": c.command}
 
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     results: dict[str, Any] = {"name": "harness_optuna", "study": study.study_name,
@@ -67,8 +80,26 @@ def write_results(path: Path, study: optuna.Study, chosen: list[Chosen]) -> None
     elif chosen:
         results |= {"best_params": chosen[0].params, "best_value": chosen[0].values[0], "best": entry(chosen[0])}
     else:
-        results["best"] = None  # no complete trial meets the accuracy goal
+        results["best"] = None  # nothing meets the accuracy goal (on the mean of its runs, when confirmed)
+    if confirmed:
+        results["candidates"] = [{"number": c.trial.number, "sparsity": c.trial.values[0], **c.summary()}
+                                 for c in confirmed]
+        results["confirmation_runs"] = sum(len(c.runs) - 1 for c in confirmed)
+    results["identity"] = {"digest": identity.digest(), **identity.as_dict()}
     path.write_text(yaml.safe_dump(_plain(results), sort_keys=False))
+
+
+def write_confirmations_csv(path: Path, confirmed: list[Candidate]) -> Path:
+    """One row per run of each confirmed candidate (the trial's own run first)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "finetune_seed", "original", "sparsity", "val_accuracy", "test_accuracy",
+                         "mlflow_run_id", "error"])
+        for c in confirmed:
+            for r in c.runs:
+                writer.writerow([c.trial.number, r.finetune_seed, r.original, r.sparsity, r.val_accuracy,
+                                 r.test_accuracy, r.mlflow_run_id or "", r.error or ""])
+    return path
 
 
 def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: GoalConfig | None) -> list[Path]:

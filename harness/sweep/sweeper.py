@@ -8,23 +8,30 @@ function that launches one job with a list of overrides.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, TrackingConfig
+from harness.errors import ConfigError, HarnessError
+from harness.sweep.command import Compose, run_overrides
+from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
+from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
-from harness.sweep.space import encode_value, parse_search_space
-from harness.sweep.study import default_storage
-from harness.sweep.summary import describe, plot_all, write_results
+from harness.sweep.space import SearchSpace, describe_distribution, encode_value, parse_search_space
+from harness.sweep.study import PRUNER_ATTR, default_storage, failed_trials, make_storage, study_lock
+from harness.sweep.summary import describe, plot_all, write_confirmations_csv, write_results
 from harness.tracking import MlflowTracker, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -49,58 +56,87 @@ class SweeperOptions:
     params: dict[str, Any]
     worker: bool
     parent_run_id: str | None
+    confirm: dict[str, Any] = field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str], launch: Launch) -> None:
-    """Run (or resume, or join) the sweep; the parent process also reports its result."""
+class SweepFailed(HarnessError):
+    """The sweep stopped on failed trials, or none of its trials finished."""
+
+
+def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str], launch: Launch,
+              compose: Compose) -> None:
+    """Run (or resume, or join) the sweep; the parent process also confirms and reports its result.
+
+    ``compose(overrides)`` composes the job config of one plain run (for the reproduce command).
+    """
     swept, fixed_args = _split_arguments(arguments)
-    space = parse_search_space({**options.params, **swept})
+    params = _command_line_wins(options.params, fixed_args)
+    space = parse_search_space({**params, **swept})
     outputs_dir = Path(config.outputs_dir)
-    settings = SweepSettings(
-        study_name=options.study_name or "sweep",
-        storage=options.storage or default_storage(outputs_dir),
-        n_trials=options.n_trials,
-        objectives=list(options.objectives),
-        directions=list(options.directions),
-        goal_constraint=options.goal_constraint,
-        sampler=options.sampler.get("name", "tpe"),
-        seed=options.sampler.get("seed", 0),
-        pruner=options.pruner.get("name", "median"),
-        pruner_startup_trials=int(options.pruner.get("n_startup_trials", 5)),
-        pruner_warmup_steps=int(options.pruner.get("n_warmup_steps", 2)),
-        max_failure_rate=options.max_failure_rate,
-    )
-    _check_settings(settings)
+    storage = options.storage or default_storage(outputs_dir)
+    identity = StudyIdentity.build(
+        config.hydra.runtime.choices, _job_config(config), _space_text(space), list(options.objectives),
+        list(options.directions), options.goal_constraint, options.sampler)
+    base_name = options.study_name or config.hydra.runtime.choices.get("sweep") or "sweep"
+    with study_lock(storage, "harness.study-names"):
+        name, resumed = resolve_study_name(make_storage(storage), base_name, options.study_name is not None, identity)
+        settings = SweepSettings(
+            study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),
+            directions=list(options.directions), goal_constraint=options.goal_constraint,
+            sampler=options.sampler.get("name", "tpe"), seed=options.sampler.get("seed", 0),
+            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate)
+        _check_settings(settings)
+        study = open_study(settings)
+        if not resumed:
+            store_identity(study, identity)
+            _enqueue(study, space, options.enqueue)
+        study.set_user_attr(PRUNER_ATTR, settings.pruner)  # the trials' runs build their pruner from it
+    if not options.worker:
+        _announce(study, resumed, identity, space, options.n_trials)
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(settings)
     tracking: TrackingConfig = OmegaConf.to_object(config.tracking)  # type: ignore[assignment]
-    parent = _parent_run(options, tracking, outputs_dir, study, settings)
+    parent = _parent_run(options, tracking, outputs_dir, study, settings, identity)
     parent_id = parent.run_id if parent else options.parent_run_id
 
-    def run_trial(trial: optuna.trial.Trial, overrides: list[str]) -> Outcome:
-        link = [
-            f"sweep_trial.storage={encode_value(settings.storage)}",
-            f"sweep_trial.study={encode_value(settings.study_name)}",
-            f"sweep_trial.number={trial.number}",
-            f"sweep_trial.parent_run_id={encode_value(parent_id)}",
-            f"sweep_trial.pruner={settings.pruner}",
-            f"sweep_trial.pruner_startup_trials={settings.pruner_startup_trials}",
-            f"sweep_trial.pruner_warmup_steps={settings.pruner_warmup_steps}",
-        ]
-        log.info("trial %d: %s", trial.number, " ".join(overrides))
-        return launch([*fixed_args, *overrides, *link], trial.number)
+    def link(number: int, confirmation_seed: int | None = None) -> list[str]:
+        return [f"sweep_trial.storage={encode_value(settings.storage)}",
+                f"sweep_trial.study={encode_value(settings.study_name)}", f"sweep_trial.number={number}",
+                f"sweep_trial.parent_run_id={encode_value(parent_id)}",
+                f"sweep_trial.confirmation_seed={encode_value(confirmation_seed)}"]
 
-    workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id)
+    def run_trial(trial: optuna.trial.Trial, overrides: list[str]) -> Outcome:
+        log.info("trial %d: %s", trial.number, " ".join(overrides))
+        return launch([*fixed_args, *overrides, *link(trial.number)], trial.number)
+
+    job_numbers = itertools.count(options.n_trials + len(study.trials))  # the confirmations' job folders
+
+    def run_confirmation(trial: FrozenTrial, finetune_seed: int) -> Outcome:
+        overrides = [*space.to_overrides({**trial.params, **space.fixed}), f"train.finetune_seed={finetune_seed}"]
+        log.info("confirming trial %d with train.finetune_seed=%d", trial.number, finetune_seed)
+        return launch([*fixed_args, *overrides, *link(trial.number, finetune_seed)], next(job_numbers))
+
+    workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id, name)
     try:
         with _closing(parent):
-            run_worker(settings, space, run_trial)  # (the parent run's tracker closed dead trials' runs)
+            worked = run_worker(settings, space, run_trial)  # (the parent run's tracker closed dead trials' runs)
             for process in workers:
                 process.wait()
             if parent is None:
                 return
             study = open_study(settings)
-            _report(study, space, fixed_args, sweep_dir, parent, OmegaConf.to_object(config.goal))
+            failure = _failure(study, settings, worked.stopped_on_failures)
+            confirmed, best = [], None
+            if failure is None and len(settings.directions) == 1 and settings.goal_constraint:
+                goal: GoalConfig = OmegaConf.to_object(config.goal)  # type: ignore[assignment]
+                confirmed, best = confirm(study, ConfirmSettings(**options.confirm), goal,
+                                          lambda t: _finetune_seed(t, config), run_confirmation)
+            base = run_overrides(fixed_args, config, compose)
+            _report(study, space, base, sweep_dir, parent, OmegaConf.to_object(config.goal), identity,
+                     confirmed, best, options.confirm)
+            if failure is not None:
+                raise SweepFailed(failure)
     except BaseException:
         for process in workers:
             process.terminate()
@@ -118,6 +154,70 @@ def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
     return swept, fixed
 
 
+def _command_line_wins(params: dict[str, Any], fixed_args: list[str]) -> dict[str, Any]:
+    """The sweep file's params less the keys the command line fixes; says so for each."""
+    typed = {o.key_or_group: o.input_line for o in OverridesParser.create().parse_overrides(fixed_args)}
+    for key in sorted(params.keys() & typed.keys()):
+        log.info("%s on the command line: %s is not searched (the sweep's params had %s)", typed[key], key,
+                 params[key])
+    return {k: v for k, v in params.items() if k not in typed}
+
+
+def _job_config(config: DictConfig) -> dict[str, Any]:
+    """The composed job config (less Hydra's own node) as plain data."""
+    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    return OmegaConf.to_container(job, resolve=True)  # type: ignore[return-value]
+
+
+def _space_text(space: SearchSpace) -> dict[str, str]:
+    return ({k: describe_distribution(d) for k, d in space.distributions.items()}
+            | {k: f"{encode_value(v)} (fixed)" for k, v in space.fixed.items()})
+
+
+def _enqueue(study: optuna.Study, space: SearchSpace, points: list[dict[str, Any]]) -> None:
+    """The sweep's starting points (``hydra.sweeper.enqueue``), asked before the sampler's own."""
+    for point in points:
+        unknown = sorted(set(point) - set(space.distributions))
+        if unknown:
+            raise ConfigError(f"hydra.sweeper.enqueue: {unknown[0]} is not a searched key; searched: "
+                              f"{', '.join(space.distributions)}")
+        study.enqueue_trial(dict(point), skip_if_exists=True)
+
+
+def _announce(study: optuna.Study, resumed: bool, identity: StudyIdentity, space: SearchSpace,
+              n_trials: int) -> None:
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    state = f"resumed, {done} of {n_trials} trials finished" if resumed else f"new, {n_trials} trials"
+    lines = [f"study {study.study_name} ({state}; identity {identity.digest()}), search space:"]
+    lines += [f"  {line}" for line in space.describe()]
+    log.info("\n".join(lines))
+
+
+def _finetune_seed(trial: FrozenTrial, config: DictConfig) -> int:
+    """The fine-tuning seed of the trial's own run (its confirmations use the next ones)."""
+    params = trial.params
+    if params.get("train.finetune_seed") is not None:
+        return int(params["train.finetune_seed"])
+    if config.train.finetune_seed is not None and "seed" not in params:
+        return int(config.train.finetune_seed)
+    return int(params.get("seed", config.seed)) + 1
+
+
+def _failure(study: optuna.Study, settings: SweepSettings, stopped: bool) -> str | None:
+    """One line when the sweep stopped on failures or none of its trials finished; else None."""
+    failed = failed_trials(study)
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not failed or (finished and not stopped and len(failed) < settings.failure_limit):
+        return None
+    first = min(failed, key=lambda t: t.number)
+    where = first.user_attrs.get("output_dir") or "its MLflow run"
+    error = str(first.user_attrs.get("error", "no error recorded")).strip().splitlines()[0]
+    how = (f"stopped after {len(failed)} failed trials (hydra.sweeper.max_failure_rate="
+           f"{settings.max_failure_rate:g} of n_trials={settings.n_trials})" if len(failed) >= settings.failure_limit
+           else f"{len(failed)} trials failed and none finished")
+    return f"sweep {study.study_name} {how}; the first, trial {first.number} ({where}): {error}"
+
+
 def _check_settings(settings: SweepSettings) -> None:
     from harness.errors import ConfigError
 
@@ -132,19 +232,21 @@ def _check_settings(settings: SweepSettings) -> None:
 
 
 def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: Path, study: optuna.Study,
-                settings: SweepSettings) -> Tracker | None:
+                settings: SweepSettings, identity: StudyIdentity) -> Tracker | None:
     """The sweep's MLflow run: created once per study, reopened when the sweep resumes."""
     if options.worker:
         return None
     existing = study.user_attrs.get("mlflow_parent_run_id")
-    tags = {"optuna.study": settings.study_name, "optuna.storage": settings.storage, "harness.sweep": "parent"}
+    tags = {"optuna.study": settings.study_name, "optuna.storage": settings.storage, "harness.sweep": "parent",
+            "harness.study_identity": identity.digest()}
     tracker = make_tracker(tracking, outputs_dir, run_name=f"sweep-{settings.study_name}", tags=tags,
                            resume_run_id=existing)
     if tracker.run_id and tracker.run_id != existing:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
         tracker.log_params({"sweep.n_trials": settings.n_trials, "sweep.objectives": settings.objectives,
                             "sweep.directions": settings.directions, "sweep.sampler": settings.sampler,
-                            "sweep.pruner": settings.pruner, "sweep.goal_constraint": settings.goal_constraint})
+                            "sweep.pruner": settings.pruner["name"], "sweep.goal_constraint": settings.goal_constraint,
+                            "sweep.identity": identity.digest()})
         tracker.flush()  # in the MLflow UI while the sweep runs
     return tracker
 
@@ -160,11 +262,12 @@ def _closing(tracker: Tracker | None) -> Iterator[None]:
         yield
 
 
-def _start_workers(count: int, sweep_dir: Path, parent_id: str | None) -> list[subprocess.Popen]:
+def _start_workers(count: int, sweep_dir: Path, parent_id: str | None, study_name: str) -> list[subprocess.Popen]:
     """Helper processes running the same command against the same study (``n_jobs > 1``)."""
     workers = []
     for i in range(count):
         command = [sys.executable, "-m", "harness", *sys.argv[1:], "hydra.sweeper.n_jobs=1",
+                   f"hydra.sweeper.study_name={encode_value(study_name)}",
                    "hydra.sweeper.worker=true", f"hydra.sweeper.parent_run_id={encode_value(parent_id)}",
                    f"hydra.sweep.dir={encode_value(str(sweep_dir))}"]
         log_file = open(sweep_dir / f"worker-{i + 1}.log", "w")  # noqa: SIM115 (lives as long as the worker)
@@ -173,29 +276,59 @@ def _start_workers(count: int, sweep_dir: Path, parent_id: str | None) -> list[s
     return workers
 
 
-def _report(study: optuna.Study, space: Any, fixed_args: list[str], sweep_dir: Path, parent: Tracker,
-            goal: GoalConfig) -> None:
-    chosen = describe(study, space, fixed_args)
+def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir: Path, parent: Tracker,
+            goal: GoalConfig, identity: StudyIdentity, confirmed: list[Candidate], best: Candidate | None,
+            confirm_options: dict[str, Any]) -> None:
+    chosen = describe(study, space, base, confirmed, best)
     results = sweep_dir / "optimization_results.yaml"
-    write_results(results, study, chosen)
-    files = [results, *plot_all(study, chosen, sweep_dir, goal)]
+    write_results(results, study, chosen, identity, confirmed)
+    (sweep_dir / "study_identity.yaml").write_text(yaml.safe_dump(identity.as_dict(), sort_keys=False))
+    files = [results, sweep_dir / "study_identity.yaml", *plot_all(study, chosen, sweep_dir, goal)]
+    if confirmed:
+        files.append(write_confirmations_csv(sweep_dir / "confirmations.csv", confirmed))
     for path in files:
         parent.log_artifact(path)
     if chosen:
-        best = chosen[0]
-        parent.log_metrics({f"best/{k}": v for k, v in best.metrics.items()})
-        parent.set_tags({"best.trial_number": str(best.number), "best.command": best.command[:5000],
-                         "best.mlflow_run_id": best.mlflow_run_id or ""})
-    lines = [f"sweep {study.study_name}: {len(study.trials)} trials in {sweep_dir}"]
+        top = chosen[0]
+        parent.log_metrics({f"best/{k}": v for k, v in top.metrics.items()})
+        if best is not None:
+            parent.log_metrics({f"best/confirmed/{k}": v for k, v in best.summary().items()
+                                if isinstance(v, float)})
+        parent.set_tags({"best.trial_number": str(top.number), "best.command": top.command[:5000],
+                         "best.mlflow_run_id": top.mlflow_run_id or ""})
+    counts = {s.name.lower(): n for s in TrialState
+              if (n := len(study.get_trials(deepcopy=False, states=(s,)))) and s != TrialState.WAITING}
+    lines = [f"sweep {study.study_name}: {len(study.trials)} trials "
+             f"({', '.join(f'{n} {state}' for state, n in counts.items())}) in {sweep_dir}"]
+    lines += _confirmation_lines(confirmed, best)
     if not chosen:
-        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        lines.append("no complete trial meets the accuracy goal" if complete else "no trial completed")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        lines.append("no complete trial meets the accuracy goal" if complete and not confirmed
+                     else "no candidate meets the accuracy goal on the mean of its runs" if confirmed
+                     else "no trial completed")
     for c in chosen:
-        lines.append(f"trial {c.number}: sparsity {c.metrics.get('final/sparsity', float('nan')):.4f}, "
+        lines.append(f"{'best: ' if len(chosen) == 1 else ''}trial {c.number}: "
+                     f"sparsity {c.metrics.get('final/sparsity', float('nan')):.4f}, "
                      f"val accuracy {c.metrics.get('final/accuracy', float('nan')):.4f}, "
-                     f"test accuracy {c.metrics.get('final/test_accuracy', float('nan')):.4f}")
+                     f"test accuracy {c.metrics.get('final/test_accuracy', float('nan')):.4f}"
+                     + (" (this run)" if best is not None else ""))
         lines.append(f"  reproduce: {c.command}")
     lines.append(f"results: {results}")
     if isinstance(parent, MlflowTracker):
         lines.append(f"MLflow: {parent.describe()}")
     print("\n".join(lines), flush=True)
+
+
+def _confirmation_lines(confirmed: list[Candidate], best: Candidate | None) -> list[str]:
+    if not confirmed:
+        return []
+    lines = ["confirmation: each candidate re-run with other fine-tuning seeds (train.finetune_seed) "
+             "on the same dense baseline; the goal is judged on the mean val accuracy"]
+    for c in confirmed:
+        vals = " ".join("-" if r.val_accuracy is None else f"{r.val_accuracy:.4f}" for r in c.runs)
+        mean, spread, test = c.mean("val_accuracy"), c.spread("val_accuracy"), c.mean("test_accuracy")
+        verdict = "MET" if c.holds else "MISSED"
+        lines.append(f"  trial {c.trial.number}: sparsity {c.trial.values[0]:.4f}, val {vals}"
+                     + (f", mean {mean:.4f} ± {spread:.4f}, test mean {test:.4f}" if mean is not None else "")
+                     + f": goal {verdict} on the mean" + (" <- best" if c is best else ""))
+    return lines

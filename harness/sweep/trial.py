@@ -1,5 +1,9 @@
 """The job side of a sweep: the run sees its Optuna trial, reports each epoch's val accuracy,
-and stops when the study's pruner says the trial is losing."""
+and stops when the study's pruner says the trial cannot win.
+
+A confirmation run (a candidate re-run with another fine-tuning seed, see
+``harness.sweep.confirm``) is linked to the trial it confirms but reports nothing to it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 import optuna
 
 from harness.errors import RunStopped
-from harness.sweep.study import make_pruner, make_storage
+from harness.goal import goal_threshold
+from harness.sweep.study import PRUNER_ATTR, make_pruner, make_storage
 
 
 class Pruned(RunStopped, optuna.TrialPruned):
@@ -16,43 +21,85 @@ class Pruned(RunStopped, optuna.TrialPruned):
     KILLED with the reason, the sweeper tells Optuna the trial was PRUNED."""
 
 
+def confirmation_attr(number: int, finetune_seed: int) -> str:
+    """The study user attribute that holds one confirmation run's result."""
+    return f"confirm:{number}:{finetune_seed}"
+
+
 class TrialLink:
     """One sweep trial, from inside the run that evaluates it.
 
     The sweeper passes the trial as plain config (``sweep_trial.*``) so that a run in another
-    process or on another machine reaches the same trial through the shared storage.
+    process or on another machine reaches the same trial through the shared storage. The
+    pruner is the one stored on the study by the sweep (``hydra.sweeper.pruner``).
     """
 
     def __init__(self, storage: str, study: str, number: int, parent_run_id: str | None,
-                 pruner: str, pruner_startup_trials: int, pruner_warmup_steps: int) -> None:
-        loaded = optuna.load_study(study_name=study, storage=make_storage(storage),
-                                   pruner=make_pruner(pruner, pruner_startup_trials, pruner_warmup_steps))
+                 confirmation_seed: int | None = None) -> None:
+        rdb = make_storage(storage)
+        settings = rdb.get_study_user_attrs(rdb.get_study_id_from_name(study)).get(PRUNER_ATTR, {"name": "none"})
+        loaded = optuna.load_study(study_name=study, storage=rdb, pruner=make_pruner(settings))
         trial_id = next(t._trial_id for t in loaded.get_trials(deepcopy=False) if t.number == number)
+        self.study_obj = loaded
         self.trial = optuna.trial.Trial(loaded, trial_id)
         self.study, self.number, self.parent_run_id = study, number, parent_run_id
+        self.confirmation_seed = confirmation_seed
         self.multi_objective = len(loaded.directions) > 1
+        self._goal: Any = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> TrialLink | None:
-        if not cfg.study:
+    def from_config(cls, config: Any) -> TrialLink | None:
+        """The link of a run's config (a ``harness.config.Config``), or None outside a sweep."""
+        link = config.sweep_trial
+        if not link.study:
             return None
-        return cls(cfg.storage, cfg.study, cfg.number, cfg.parent_run_id, cfg.pruner,
-                   cfg.pruner_startup_trials, cfg.pruner_warmup_steps)
+        made = cls(link.storage, link.study, link.number, link.parent_run_id, link.confirmation_seed)
+        made.plan(config)
+        return made
+
+    @property
+    def is_confirmation(self) -> bool:
+        return self.confirmation_seed is not None
 
     # -- what the runner calls ----------------------------------------------------------------
 
+    def plan(self, config: Any) -> None:
+        """Tell the pruner what this trial can reach: its highest target sparsity and when its
+        schedule ends (``harness.sweep.pruners.GoalPruner`` reads these)."""
+        self._goal = config.goal
+        if self.is_confirmation or not config.prune.enabled:
+            return
+        pruners = config.prune.resolve()
+        self.trial.set_user_attr("plan", {
+            "sparsity_ceiling": max(p.target_sparsity for p in pruners),
+            "schedule_end_epoch": max(p.end_epoch for p in pruners),
+            "epochs": config.train.finetune_epochs,
+        })
+
     def tags(self) -> dict[str, str]:
-        tags = {"optuna.study": self.study, "optuna.trial_number": str(self.number)}
+        tags = {"optuna.study": self.study, "optuna.trial_number": str(self.number),
+                "harness.sweep": "confirmation" if self.is_confirmation else "trial"}
+        if self.is_confirmation:
+            tags["harness.finetune_seed"] = str(self.confirmation_seed)
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # nests the run under the sweep's run
         return tags
 
     def on_run_started(self, run_id: str | None) -> None:
-        if run_id:
+        if not run_id:
+            return
+        if self.is_confirmation:
+            self.study_obj.set_user_attr(f"{confirmation_attr(self.number, self.confirmation_seed)}:run", run_id)
+        else:
             self.trial.set_user_attr("mlflow_run_id", run_id)
 
+    def on_baseline(self, val_accuracy: float) -> None:
+        """The lowest val accuracy that meets the goal, now that the dense baseline is known."""
+        if self._goal is not None and not self.is_confirmation:
+            self.trial.set_user_attr("goal_accuracy", goal_threshold(self._goal, val_accuracy))
+
     def on_validation(self, epoch: int, accuracy: float) -> None:
-        if self.multi_objective:  # Optuna prunes single-objective studies only
+        if self.multi_objective or self.is_confirmation:  # Optuna prunes single-objective studies only
             return
         self.trial.report(accuracy, step=epoch)
         if self.trial.should_prune():

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
+from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -25,9 +25,19 @@ class SamplerConf:
 
 @dataclass
 class PrunerConf:
-    name: str = "median"  # median | percentile | successive_halving | hyperband | none
-    n_startup_trials: int = 5  # no pruning before this many trials have finished
-    n_warmup_steps: int = 2  # nor before this many epochs of a trial
+    # goal (stop trials that cannot win a constrained max-sparsity search; see harness/sweep/pruners.py)
+    # | median | percentile | successive_halving | hyperband | none
+    name: str = "goal"
+    n_startup_trials: int = 5  # no pruning before this many trials have finished (goal: its recovery rule)
+    n_warmup_steps: int = 2  # nor before this many epochs of a trial (median, percentile)
+    recovery_margin: float = 0.02  # goal: accuracy allowed beyond the largest recovery seen after a schedule
+
+
+@dataclass
+class ConfirmConf:
+    candidates: int = 3  # the top feasible trials re-run before a best is reported
+    seeds: int = 2  # more runs of each, with other fine-tuning seeds (train.finetune_seed)
+    max_candidates: int = 6  # when none of the top ones holds on its mean, confirm further ones up to this
 
 
 @dataclass
@@ -44,6 +54,8 @@ class HarnessSweeperConf:
     pruner: PrunerConf = field(default_factory=PrunerConf)
     max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (crashed)
     params: dict[str, Any] = field(default_factory=dict)
+    confirm: ConfirmConf = field(default_factory=ConfirmConf)
+    enqueue: list[Any] = field(default_factory=list)  # starting points: {searched key: value} asked first
     worker: bool = False  # set on the helper processes started for n_jobs > 1
     parent_run_id: str | None = None  # set on those helpers: the sweep's MLflow run
 
@@ -61,11 +73,13 @@ class HarnessSweeper(Sweeper):
         self.options = SweeperOptions(**plain)
         self.config: DictConfig | None = None
         self.launcher: Any = None
+        self.config_loader: Any = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
         self.config = config
+        self.config_loader = hydra_context.config_loader
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -78,6 +92,10 @@ class HarnessSweeper(Sweeper):
         def launch(overrides: list[str], job_index: int) -> Any:
             (result,) = self.launcher.launch([overrides], initial_job_idx=job_index)
             value = result._return_value if result.status == JobStatus.FAILED else result.return_value
-            return describe_outcome(value)
+            return describe_outcome(value, result.working_dir)
 
-        run_sweep(self.options, self.config, arguments, launch)
+        def compose(overrides: list[str]) -> DictConfig:
+            return self.config_loader.load_configuration(config_name=self.config.hydra.job.config_name,
+                                                         overrides=overrides, run_mode=RunMode.RUN)
+
+        run_sweep(self.options, self.config, arguments, launch, compose)

@@ -1,0 +1,505 @@
+"""The sparsity frontier, three ways: the harness's sweep against what a user could do by hand.
+
+    python -m harness.bench_frontier                          # 3 sampler seeds (tens of minutes on 2 cores)
+    python -m harness.bench_frontier --skip-sweep --budget 30 --seeds 0
+    python -m harness.bench_frontier --quick --skip-sweep     # a smoke run (under a minute)
+
+One question, "what is the highest sparsity of the digits CNN that still meets the accuracy
+goal (at most 1% relative drop of val accuracy against the dense baseline)?", answered on the
+same data (scikit-learn digits, the harness's fixed train/val/test splits), the same model
+(``digits_cnn``) and the same cached dense baseline (cached before any arm is timed, so no
+arm pays for training it) by three arms:
+
+1. the harness's sweep, ``python -m harness --multirun +sweep=max_sparsity`` with the sampler
+   seed set, one subprocess per seed, timed from start to exit (process start, imports, the
+   MLflow parent run, plots and confirmations included). Its answer is the confirmed best of
+   ``optimization_results.yaml``: the sparsity of the trial's own run, the accuracies averaged
+   over its confirmation runs. Its budget, in fine-tuning runs, is every search trial (whatever
+   its state: a trial the pruner stopped early counts as a whole run) plus the confirmation runs;
+2. a plain Optuna TPE loop over ``torch.nn.utils.prune``, written as a careful user would write
+   it by hand (``hand_loop``): per trial, a copy of the dense model is fine-tuned with SGD and a
+   cosine learning rate while ``global_unstructured`` L1 pruning rises along an AGP curve at the
+   start of each epoch of the first half; ``amount`` and ``lr`` are searched, the measured
+   sparsity is maximized under a constraint on the relative val drop (``trial.set_constraint``).
+   It gets exactly the sweep's budget of runs (``--budget`` when the sweep is skipped, or failed);
+   its answer is the sparsest trial that met the goal on val, one run, unconfirmed, timed from
+   the first trial to the last;
+3. a grid of the harness's own runs by hand, ``prune.scope=global`` at a few target sparsities,
+   with the default fine-tuning recipe and with a long one (24 epochs, lr 0.05, cosine, pruning
+   until epoch 12), in this process (``harness.runner.run``); its answer per recipe is the
+   highest target that met the goal on val.
+
+Every row reports test accuracy beside val, and whether the goal also holds on test (relative
+drop against the dense model's test accuracy): val chose the answer, test is what it is worth.
+Sparsity is always counted from the weights (exact zeros) over the conv and linear weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.utils import prune
+
+REPO = Path(__file__).resolve().parent.parent
+GRID_SPARSITIES = (0.95, 0.97, 0.98, 0.985, 0.99)
+GRID_RECIPES: dict[str, dict[str, str]] = {
+    "default": {},
+    "long": {"train.finetune_epochs": "24", "train.finetune_lr": "0.05", "train.lr_schedule": "cosine",
+             "prune.end_epoch": "12"},
+}
+AMOUNT_RANGE = (0.5, 0.995)  # the hand loop's search space
+LR_RANGE = (1e-3, 0.2)
+QUICK_SWEEP_ARGS = ["hydra.sweeper.n_trials=3", "train.finetune_epochs=3", "prune.start_epoch=0", "prune.end_epoch=1"]
+QUICK_GRID = {"train.finetune_epochs": "3", "prune.end_epoch": "1"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seeds: list[int]
+    epochs: int  # the hand loop's fine-tuning epochs
+    budget: int  # the hand loop's runs when the sweep arm gives none
+    skip_sweep: bool
+    sweep_args: list[str]
+    grid_sparsities: tuple[float, ...] = GRID_SPARSITIES
+    grid_recipes: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GRID_RECIPES))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One answer to the question: what an arm found with one sampler seed (or one grid recipe)."""
+
+    arm: str
+    seed: str
+    runs: int
+    wall_s: float
+    sparsity: float | None = None  # None: nothing met the goal on val
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    goal_val: bool | None = None
+    goal_test: bool | None = None
+    note: str = ""
+
+
+# -- the shared ground: config, data, dense baseline --------------------------------------------
+
+
+def compose(overrides: Sequence[str]) -> Any:
+    """The typed config for ``overrides``, composed as the command line does (as harness.bench does;
+    not imported from there, since importing harness.bench samples the machine's load and may set
+    OMP_WAIT_POLICY for every process this bench starts)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from harness.__main__ import CONF_DIR
+    from harness.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Swallow what a harness run prints (its summary; its tqdm bar)."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+@dataclass
+class Dense:
+    """The dense baseline every arm starts from, with the data and goal it is judged by."""
+
+    cfg: Any
+    data: Any
+    model: nn.Module
+    key: str
+    val_accuracy: float
+    test_accuracy: float
+    reused: bool
+
+    def goal_met(self, split: str, accuracy: float) -> bool:
+        from harness.goal import judge
+
+        dense = self.val_accuracy if split == "val" else self.test_accuracy
+        return judge(self.cfg.goal, dense, accuracy).met
+
+
+def load_dense(outputs: Path) -> Dense:
+    """The default config's dense baseline from ``outputs/baselines``, trained and cached there the
+    way ``harness.runner.run`` does when absent; its val accuracy, measured here, must be the cached one."""
+    from harness.baseline import load_or_train
+    from harness.data import build_data
+    from harness.models import build_model
+    from harness.runner import seed_everything
+    from harness.training import evaluate, fit, resolve_device
+
+    cfg = compose(["tracking=none", f"outputs_dir={outputs}"])
+    device = resolve_device(cfg.train.device)
+    data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
+    seed_everything(cfg.seed)  # the runner's order: the model's initial weights come from this seed
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+
+    def train_dense(m: nn.Module) -> tuple[float, float]:
+        fit(m, data.train, data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr, device=device,
+            desc="dense")
+        return evaluate(m, data.val, device), evaluate(m, data.test, device)
+
+    with quiet():
+        baseline = load_or_train(cfg, model, train_dense, outputs / "baselines")
+    val, test = evaluate(model, data.val, device), evaluate(model, data.test, device)
+    assert val == baseline.val_accuracy, f"dense val accuracy {val} != cached {baseline.val_accuracy}"
+    assert test == baseline.test_accuracy, f"dense test accuracy {test} != cached {baseline.test_accuracy}"
+    return Dense(cfg, data, model, baseline.key, val, test, baseline.reused)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- arm 1: the harness's sweep ------------------------------------------------------------------
+
+
+def sweep_command(seed: int, outputs: Path, extra: Sequence[str]) -> list[str]:
+    """The sweep for one sampler seed; each seed gets its own study (a study resumes by name, and
+    the seeds share one Optuna storage under ``outputs``) unless ``extra`` names one."""
+    study = [] if any(a.startswith("hydra.sweeper.study_name=") for a in extra) else [
+        f"hydra.sweeper.study_name=max_sparsity-seed{seed}"]
+    return [sys.executable, "-m", "harness", "--multirun", "+sweep=max_sparsity",
+            f"hydra.sweeper.sampler.seed={seed}", f"outputs_dir={outputs}",
+            f"hydra.sweep.dir={sweep_dir(outputs, seed)}", *study, *extra]
+
+
+def sweep_dir(outputs: Path, seed: int) -> Path:
+    return outputs / f"sweep-{seed}"
+
+
+def run_sweep(seed: int, outputs: Path, extra: Sequence[str], dense: Dense) -> tuple[Row, int | None]:
+    """Run and time the sweep for ``seed``; its row and its budget (None when it failed)."""
+    command = sweep_command(seed, outputs, extra)
+    log = outputs / f"sweep-{seed}.log"
+    # The default stores (under outputs), whatever the caller's environment points at.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    progress(f"sweep seed {seed}: {shlex.join(command[1:])}  (log: {log})")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - start
+    results_path = sweep_dir(outputs, seed) / "optimization_results.yaml"
+    if code != 0 or not results_path.exists():
+        tail = " / ".join(line.strip() for line in log.read_text().strip().splitlines()[-3:])[-300:]
+        return Row("sweep", str(seed), 0, wall, note=f"failed (exit {code}): {tail}"), None
+    results = yaml.safe_load(results_path.read_text()) or {}
+    budget = sweep_budget(results)
+    return sweep_row(results, seed, wall, budget, dense), budget
+
+
+def sweep_budget(results: dict[str, Any]) -> int:
+    """Fine-tuning runs the sweep spent: every search trial, whatever its state, and the confirmations."""
+    trials = results.get("trials") or {}
+    return sum(int(n) for n in trials.values()) + int(results.get("confirmation_runs") or 0)
+
+
+def sweep_row(results: dict[str, Any], seed: int, wall: float, budget: int, dense: Dense) -> Row:
+    """The confirmed best: its own run's sparsity, the mean accuracies of its confirmation runs."""
+    best = results.get("best")
+    if not best:
+        return Row("sweep", str(seed), budget, wall, note="no trial met the goal")
+    confirmed = best.get("confirmed") or {}
+    val = confirmed.get("val_accuracy_mean", best.get("val_accuracy"))
+    test = confirmed.get("test_accuracy_mean", best.get("test_accuracy"))
+    dense_val = best.get("baseline_val_accuracy", dense.val_accuracy)
+    dense_test = best.get("baseline_test_accuracy", dense.test_accuracy)
+    runs = confirmed.get("runs") or []
+    note = f"trial {best.get('number')}"
+    note += (f"; mean of {len(runs)} fine-tuning seeds (val std {confirmed.get('val_accuracy_std', math.nan):.4f})"
+             if runs else "; unconfirmed")
+    if (dense_val, dense_test) != (dense.val_accuracy, dense.test_accuracy):
+        note += f"; its dense baseline differs: val {dense_val}, test {dense_test}"
+    from harness.goal import judge
+
+    return Row("sweep", str(seed), budget, wall, best.get("sparsity"), val, test,
+               None if val is None else judge(dense.cfg.goal, dense_val, val).met,
+               None if test is None else judge(dense.cfg.goal, dense_test, test).met, note)
+
+
+def sweep_epochs(outputs: Path, seed: int) -> set[int]:
+    """The fine-tuning epochs the sweep's trials ran with, read from their config.yaml files, to check
+    that the hand loop matches the sweep's recipe."""
+    epochs = set()
+    for path in sweep_dir(outputs, seed).glob("*/config.yaml"):
+        with contextlib.suppress(Exception):
+            epochs.add(int(yaml.safe_load(path.read_text())["train"]["finetune_epochs"]))
+    return epochs
+
+
+# -- arm 2: a plain Optuna loop over torch.nn.utils.prune, as a user would write it ------------------
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every conv and linear weight: the harness's default selection."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def agp_targets(final: float, points: int) -> list[float]:
+    """Zhu & Gupta's cubic ramp to ``final``, sampled at ``points`` updates (the last reaches it)."""
+    return [final * (1 - (1 - (k + 1) / points) ** 3) for k in range(points)]
+
+
+def prune_to(params: list[tuple[nn.Module, str]], fraction: float) -> None:
+    """Raise the global L1 sparsity of ``params`` to ``fraction`` of all their weights.
+
+    torch's ``amount`` on an already-pruned parameter applies to the weights still remaining, so
+    the step is passed as a count: the weights to prune now, on top of those already pruned.
+    Importance comes from the current weights (``weight`` is recomputed only at the next forward,
+    so after an optimizer step it is one step stale).
+    """
+    total = sum(getattr(m, n).numel() for m, n in params)
+    pruned = sum(int((getattr(m, n + "_mask") == 0).sum()) for m, n in params if prune.is_pruned(m))
+    count = round(fraction * total) - pruned
+    if count <= 0:
+        return
+    scores = {(m, n): getattr(m, n + "_orig", getattr(m, n)).detach() for m, n in params}
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, importance_scores=scores,
+                              amount=count)
+
+
+def measured_sparsity(params: list[tuple[nn.Module, str]]) -> float:
+    """Exact zeros over all weights of ``params``."""
+    zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in params)
+    return zeros / sum(getattr(m, n).numel() for m, n in params)
+
+
+def fine_tune_pruned(dense: Dense, amount: float, lr: float, epochs: int) -> nn.Module:
+    """A copy of the dense model fine-tuned for ``epochs`` while pruned up to ``amount`` along AGP at the
+    start of each epoch of the first half, then with the masks made permanent."""
+    from harness.runner import seed_everything
+
+    model = copy.deepcopy(dense.model).train()
+    params = prunable(model)
+    # The same fine-tuning randomness for every trial (as the harness's trials): they differ only in
+    # their parameters.
+    seed_everything(dense.cfg.seed + 1)
+    dense.data.train.generator.manual_seed(dense.cfg.seed + 1)
+    loader = dense.data.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    last_prune_epoch = min(epochs // 2, epochs - 1)
+    targets = agp_targets(amount, last_prune_epoch + 1)
+    for epoch in range(epochs):
+        if epoch <= last_prune_epoch:
+            prune_to(params, targets[epoch])
+        for inputs, labels in loader:
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    for m, n in params:
+        prune.remove(m, n)
+    return model.eval()
+
+
+def hand_loop(dense: Dense, seed: int, budget: int, epochs: int) -> Row:
+    """TPE over (amount, lr) for ``budget`` runs; the sparsest run that met the goal on val."""
+    import optuna
+
+    from harness.training import evaluate
+
+    device = next(dense.model.parameters()).device
+    max_drop = dense.cfg.goal.max_drop
+
+    def objective(trial: optuna.Trial) -> float:
+        amount = trial.suggest_float("amount", *AMOUNT_RANGE)
+        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        model = fine_tune_pruned(dense, amount, lr, epochs)
+        val, test = evaluate(model, dense.data.val, device), evaluate(model, dense.data.test, device)
+        sparsity = measured_sparsity(prunable(model))
+        drop = (dense.val_accuracy - val) / dense.val_accuracy
+        trial.set_constraint("val_drop_excess", drop - max_drop)  # <= 0: feasible; TPE samples away from > 0
+        trial.set_user_attr("result", {"val": val, "test": test, "met": dense.goal_met("val", val)})
+        progress(f"hand loop seed {seed}: trial {trial.number + 1}/{budget} amount {amount:.4f} lr {lr:.4f} -> "
+                 f"sparsity {sparsity:.4f} val {val:.4f} test {test:.4f}")
+        return sparsity
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna 5 reads the trial's constraints itself (TPESampler's constraints_func is deprecated there).
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    start = time.perf_counter()
+    study.optimize(objective, n_trials=budget)
+    wall = time.perf_counter() - start
+    met = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["result"]["met"]]
+    if not met:
+        return Row("hand loop", str(seed), budget, wall, note="no trial met the goal")
+    best = max(met, key=lambda t: (t.value, t.user_attrs["result"]["val"]))
+    result = best.user_attrs["result"]
+    note = f"trial {best.number}: amount {best.params['amount']:.4f}, lr {best.params['lr']:.4f}; {len(met)} met"
+    return Row("hand loop", str(seed), budget, wall, best.value, result["val"], result["test"], True,
+               dense.goal_met("test", result["test"]), note)
+
+
+# -- arm 3: a grid of the harness's own runs, by hand ---------------------------------------------------
+
+
+def grid(dense: Dense, outputs: Path, recipe: str, overrides: dict[str, str], sparsities: Sequence[float]) -> Row:
+    """``prune.scope=global`` at each target sparsity with ``recipe``; the highest that met the goal on val."""
+    from harness import runner
+
+    fixed = [f"{k}={v}" for k, v in overrides.items()]
+    runs: dict[float, Any] = {}
+    start = time.perf_counter()
+    for target in sparsities:
+        cfg = compose(["prune.scope=global", f"prune.target_sparsity={target}", "tracking=none",
+                       f"outputs_dir={outputs}", *fixed])
+        with quiet():
+            runs[target] = runner.run(cfg, outputs / "grid" / recipe / f"{target}").metrics
+        m = runs[target]
+        progress(f"grid {recipe}: target {target} -> sparsity {m['final/sparsity']:.4f} val {m['final/accuracy']:.4f} "
+                 f"test {m['final/test_accuracy']:.4f} goal {'met' if m['goal/met'] else 'missed'}")
+    wall = time.perf_counter() - start
+    arm = f"grid ({recipe} recipe)"
+    met = [t for t, m in runs.items() if m["goal/met"]]
+    if not met:
+        return Row(arm, "-", len(runs), wall, note="no target met the goal")
+    m = runs[max(met)]
+    if (m["baseline/accuracy"], m["baseline/test_accuracy"]) != (dense.val_accuracy, dense.test_accuracy):
+        raise RuntimeError(f"grid {recipe}: the runs' dense baseline is not the bench's")
+    note = f"target {max(met)}; met at {', '.join(f'{t:g}' for t in sorted(met))}"
+    return Row(arm, "-", len(runs), wall, m["final/sparsity"], m["final/accuracy"], m["final/test_accuracy"], True,
+               dense.goal_met("test", m["final/test_accuracy"]), note)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+
+def format_markdown(rows: Sequence[Row], head: str, summary: Sequence[str]) -> str:
+    def num(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def yes(value: bool | None) -> str:
+        return "-" if value is None else ("yes" if value else "no")
+
+    lines = [head, "",
+             "| arm | seed | runs | wall (s) | best sparsity | val acc | test acc | goal val | goal test | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+    lines += [f"| {r.arm} | {r.seed} | {r.runs} | {r.wall_s:.1f} | {num(r.sparsity)} | {num(r.val_accuracy)} | "
+              f"{num(r.test_accuracy)} | {yes(r.goal_val)} | {yes(r.goal_test)} | {r.note.replace('|', '/')} |"
+              for r in rows]
+    return "\n".join([*lines, "", *summary]) + "\n"
+
+
+def compare(rows: Sequence[Row], seeds: Sequence[int]) -> list[str]:
+    """Per seed: is the sweep's confirmed best at least as sparse as the hand loop's best?"""
+    lines = []
+    for seed in seeds:
+        sweep = next((r for r in rows if r.arm == "sweep" and r.seed == str(seed)), None)
+        hand = next((r for r in rows if r.arm == "hand loop" and r.seed == str(seed)), None)
+        if sweep is None or hand is None or sweep.note.startswith("failed"):
+            lines.append(f"- seed {seed}: sweep {'skipped' if sweep is None else 'failed'}, nothing to compare")
+            continue
+        s, h = sweep.sparsity, hand.sparsity
+        verdict = "n/a" if s is None and h is None else "yes" if h is None or (s is not None and s >= h) else "no"
+        lines.append(f"- seed {seed}: sweep's confirmed best {'-' if s is None else f'{s:.4f}'} >= hand loop's "
+                     f"{'-' if h is None else f'{h:.4f}'}: {verdict}")
+    return lines
+
+
+def header(settings: Settings, dense: Dense, outputs: Path) -> str:
+    return (f"## Sparsity frontier: digits_cnn, goal <= {dense.cfg.goal.max_drop:.0%} relative val drop\n\n"
+            f"dense baseline {dense.key} ({'reused from cache' if dense.reused else 'trained for this bench'}): "
+            f"val {dense.val_accuracy:.4f}, test {dense.test_accuracy:.4f}; "
+            f"hand loop {settings.epochs} epochs per run; "
+            f"grid targets {', '.join(f'{s:g}' for s in settings.grid_sparsities)}; sweep args: "
+            f"{shlex.join(settings.sweep_args) or '(none)'}; torch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads; outputs {outputs}")
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m harness.bench_frontier", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="sampler seeds, one sweep and one hand loop each")
+    parser.add_argument("--outputs", type=Path, help="outputs_dir of every arm (default: a fresh folder under "
+                                                     "outputs/bench_frontier)")
+    parser.add_argument("--skip-sweep", action="store_true", help="leave the sweep arm out")
+    parser.add_argument("--budget", type=int, default=30, help="hand loop runs when the sweep gives no budget")
+    parser.add_argument("--epochs", type=int, default=24, help="the hand loop's fine-tuning epochs (the sweep "
+                                                               "recipe's)")
+    parser.add_argument("--sweep-args", default="", help="extra overrides for every sweep, one shell-quoted string")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this path")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: one seed, 3-run arms, short epochs")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds}: comma-separated integers")
+    if not seeds or args.budget < 1 or args.epochs < 1:
+        parser.error("--seeds needs one seed at least; --budget and --epochs must be >= 1")
+    sweep_args = shlex.split(args.sweep_args)
+    if args.quick:
+        quick_recipes = {name: recipe | QUICK_GRID for name, recipe in GRID_RECIPES.items()}
+        settings = Settings(seeds[:1], 2, 3, args.skip_sweep, [*QUICK_SWEEP_ARGS, *sweep_args],
+                            (GRID_SPARSITIES[0], GRID_SPARSITIES[2]), quick_recipes)
+    else:
+        settings = Settings(seeds, args.epochs, args.budget, args.skip_sweep, sweep_args)
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    """Cache the dense baseline, run the arms, print (and write) the table; returns the rows."""
+    settings, args = parse_args(argv)
+    if args.outputs is None:  # beside the harness's own outputs (relative to the working directory)
+        parent = Path("outputs/bench_frontier").resolve()
+        parent.mkdir(parents=True, exist_ok=True)
+        outputs = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=parent))
+    else:
+        outputs = args.outputs.resolve()
+        outputs.mkdir(parents=True, exist_ok=True)
+    progress(f"outputs: {outputs}")
+    dense = load_dense(outputs)  # before any timed arm: every arm reuses it
+    progress(f"dense baseline {dense.key}: val {dense.val_accuracy:.4f} test {dense.test_accuracy:.4f}")
+    rows: list[Row] = []
+    for seed in settings.seeds:
+        budget = None
+        if not settings.skip_sweep:
+            row, budget = run_sweep(seed, outputs, settings.sweep_args, dense)
+            rows.append(row)
+            ran = sweep_epochs(outputs, seed)
+            if not args.quick and ran and ran != {settings.epochs}:
+                progress(f"warning: the sweep's trials fine-tuned for {sorted(ran)} epochs, the hand loop for "
+                         f"{settings.epochs} (--epochs)")
+        row = hand_loop(dense, seed, budget or settings.budget, settings.epochs)
+        if budget is None and not settings.skip_sweep:
+            row = dataclasses.replace(row, note=f"{row.note}; --budget runs (the sweep gave no budget)")
+        rows.append(row)
+    for recipe, overrides in settings.grid_recipes.items():
+        rows.append(grid(dense, outputs, recipe, overrides, settings.grid_sparsities))
+    text = format_markdown(rows, header(settings, dense, outputs), compare(rows, settings.seeds))
+    print(text, flush=True)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
