@@ -422,14 +422,23 @@ def compare(rows: Sequence[Row], seeds: Sequence[int]) -> list[str]:
     return lines
 
 
-def header(settings: Settings, dense: Dense, outputs: Path) -> str:
+def load_average() -> float:
+    with contextlib.suppress(AttributeError, OSError):
+        return os.getloadavg()[0]
+    return math.nan
+
+
+def header(settings: Settings, dense: Dense, outputs: Path, load_at_start: float) -> str:
+    # Wall times are only comparable on an otherwise idle machine: another process on these cores
+    # slows every arm several times over (OpenMP threads spin while a peer is descheduled).
     return (f"## Sparsity frontier: digits_cnn, goal <= {dense.cfg.goal.max_drop:.0%} relative val drop\n\n"
             f"dense baseline {dense.key} ({'reused from cache' if dense.reused else 'trained for this bench'}): "
             f"val {dense.val_accuracy:.4f}, test {dense.test_accuracy:.4f}; "
             f"hand loop {settings.epochs} epochs per run; "
             f"grid targets {', '.join(f'{s:g}' for s in settings.grid_sparsities)}; sweep args: "
             f"{shlex.join(settings.sweep_args) or '(none)'}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads; outputs {outputs}")
+            f"threads; load average {load_at_start:.2f} at the start, {load_average():.2f} at the end "
+            f"(wall times assume an idle machine); outputs {outputs}")
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -474,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     else:
         outputs = args.outputs.resolve()
         outputs.mkdir(parents=True, exist_ok=True)
+    load_at_start = load_average()
     progress(f"outputs: {outputs}")
     dense = load_dense(outputs)  # before any timed arm: every arm reuses it
     progress(f"dense baseline {dense.key}: val {dense.val_accuracy:.4f} test {dense.test_accuracy:.4f}")
@@ -493,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         rows.append(row)
     for recipe, overrides in settings.grid_recipes.items():
         rows.append(grid(dense, outputs, recipe, overrides, settings.grid_sparsities))
-    text = format_markdown(rows, header(settings, dense, outputs), compare(rows, settings.seeds))
+    text = format_markdown(rows, header(settings, dense, outputs, load_at_start), compare(rows, settings.seeds))
     print(text, flush=True)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ results defensively, and its quick mode runs its own arms end to end (no timing 
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -30,15 +31,14 @@ def test_prune_to_reaches_each_target_exactly_although_torch_amounts_apply_to_th
 def test_agp_targets_rise_along_the_cubic_and_end_at_the_final_sparsity():
     targets = bf.agp_targets(0.98, 13)
     assert targets[-1] == pytest.approx(0.98)
-    assert all(a < b for a, b in zip(targets, targets[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(targets))
     assert targets[0] == pytest.approx(0.98 * (1 - (12 / 13) ** 3))
 
 
 def _dense(val: float = 0.9815, test: float = 0.9741) -> SimpleNamespace:
     from harness.config import GoalConfig
 
-    dense = SimpleNamespace(cfg=SimpleNamespace(goal=GoalConfig()), val_accuracy=val, test_accuracy=test)
-    return dense
+    return SimpleNamespace(cfg=SimpleNamespace(goal=GoalConfig()), val_accuracy=val, test_accuracy=test)
 
 
 def test_the_sweep_budget_counts_every_trial_state_and_the_confirmations():

@@ -8,8 +8,9 @@ pruner stops a trial only when it cannot win:
 * **it cannot beat the best**: the highest sparsity it can reach (its target) is below the
   sparsity of the best trial that already met the goal, so even a perfect run would lose;
 * **it cannot recover**: its schedule has ended and its val accuracy is further under the goal
-  than any finished trial of the study recovered over the same number of remaining epochs
-  (plus a margin); until a few trials have finished, nothing is stopped for this reason.
+  than twice what any finished trial of the study recovered over as many remaining epochs,
+  plus a margin (deeper dips recover more, hence the factor); until a few trials have
+  finished, nothing is stopped for this reason.
 
 What it needs from a trial is set as user attributes by the run (``harness.sweep.trial``):
 ``plan`` (``sparsity_ceiling``, ``schedule_end_epoch``, ``epochs``) and ``goal_accuracy`` (the
@@ -25,6 +26,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 SPARSITY = "final/sparsity"
+RECOVERY_FACTOR = 2.0  # a trial may recover twice the most any finished trial did (deeper dips recover more)
 
 
 class GoalPruner(optuna.pruners.BasePruner):
@@ -69,7 +71,7 @@ class GoalPruner(optuna.pruners.BasePruner):
         allowance = largest_recovery(study, left, self.min_finished)
         if allowance is None:
             return False
-        return trial.intermediate_values[step] < goal - allowance - self.recovery_margin
+        return trial.intermediate_values[step] < goal - RECOVERY_FACTOR * allowance - self.recovery_margin
 
 
 def best_feasible_value(study: optuna.Study) -> float | None:

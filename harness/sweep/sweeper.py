@@ -73,6 +73,7 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
     swept, fixed_args = _split_arguments(arguments)
     params = _command_line_wins(options.params, fixed_args)
     space = parse_search_space({**params, **swept})
+    starting_points = _starting_points(options.enqueue, space, options.params)
     outputs_dir = Path(config.outputs_dir)
     storage = options.storage or default_storage(outputs_dir)
     identity = StudyIdentity.build(
@@ -90,7 +91,8 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
         study = open_study(settings)
         if not resumed:
             store_identity(study, identity)
-            _enqueue(study, space, options.enqueue)
+            for point in starting_points:
+                study.enqueue_trial(point, skip_if_exists=True)
         study.set_user_attr(PRUNER_ATTR, settings.pruner)  # the trials' runs build their pruner from it
     if not options.worker:
         _announce(study, resumed, identity, space, options.n_trials)
@@ -174,14 +176,18 @@ def _space_text(space: SearchSpace) -> dict[str, str]:
             | {k: f"{encode_value(v)} (fixed)" for k, v in space.fixed.items()})
 
 
-def _enqueue(study: optuna.Study, space: SearchSpace, points: list[dict[str, Any]]) -> None:
-    """The sweep's starting points (``hydra.sweeper.enqueue``), asked before the sampler's own."""
+def _starting_points(points: list[dict[str, Any]], space: SearchSpace, file_params: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+    """The sweep's starting points (``hydra.sweeper.enqueue``), asked before the sampler's own; keys
+    the command line fixed are left out of them, as out of the search."""
+    kept = []
     for point in points:
-        unknown = sorted(set(point) - set(space.distributions))
+        unknown = sorted(set(point) - set(space.distributions) - set(file_params))
         if unknown:
             raise ConfigError(f"hydra.sweeper.enqueue: {unknown[0]} is not a searched key; searched: "
                               f"{', '.join(space.distributions)}")
-        study.enqueue_trial(dict(point), skip_if_exists=True)
+        kept.append({k: v for k, v in point.items() if k in space.distributions})
+    return kept
 
 
 def _announce(study: optuna.Study, resumed: bool, identity: StudyIdentity, space: SearchSpace,
