@@ -179,13 +179,11 @@ def progress(message: str) -> None:
 
 
 def sweep_command(seed: int, outputs: Path, extra: Sequence[str]) -> list[str]:
-    """The sweep for one sampler seed; each seed gets its own study (a study resumes by name, and
-    the seeds share one Optuna storage under ``outputs``) unless ``extra`` names one."""
-    study = [] if any(a.startswith("hydra.sweeper.study_name=") for a in extra) else [
-        f"hydra.sweeper.study_name=max_sparsity-seed{seed}"]
+    """The sweep for one sampler seed. The seeds share one Optuna storage under ``outputs``; the sampler
+    (with its seed) is part of a study's identity, so each seed runs a study of its own."""
     return [sys.executable, "-m", "harness", "--multirun", "+sweep=max_sparsity",
             f"hydra.sweeper.sampler.seed={seed}", f"outputs_dir={outputs}",
-            f"hydra.sweep.dir={sweep_dir(outputs, seed)}", *study, *extra]
+            f"hydra.sweep.dir={sweep_dir(outputs, seed)}", *extra]
 
 
 def sweep_dir(outputs: Path, seed: int) -> Path:
