@@ -3,6 +3,7 @@
     python -m harness.bench_frontier                          # 3 sampler seeds (tens of minutes on 2 cores)
     python -m harness.bench_frontier --skip-sweep --budget 30 --seeds 0
     python -m harness.bench_frontier --quick --skip-sweep     # a smoke run (under a minute)
+    python -m harness.bench_frontier --outputs DIR --reuse-sweeps  # the sweeps of an earlier run in DIR, not re-run
 
 One question, "what is the highest sparsity of the digits CNN that still meets the accuracy
 goal (at most 1% relative drop of val accuracy against the dense baseline)?", answered on the
@@ -23,7 +24,11 @@ arm pays for training it) by three arms:
    sparsity is maximized under a constraint on the relative val drop (``trial.set_constraint``).
    It gets exactly the sweep's budget of runs (``--budget`` when the sweep is skipped, or failed);
    its answer is the sparsest trial that met the goal on val, one run, unconfirmed, timed from
-   the first trial to the last;
+   the first trial to the last. That answer is then checked, outside its budget and its time:
+   the same setting (amount, lr, epochs) is fine-tuned again with 2 more fine-tuning seeds (the
+   next ones after its own, as the sweep's confirmations), and the mean val and test accuracies of
+   the 3 runs are reported beside the single run. When the mean misses the goal, the hand loop
+   does not search further (that would exceed its budget): its answer did not hold;
 3. a grid of the harness's own runs by hand, ``prune.scope=global`` at a few target sparsities,
    with the default fine-tuning recipe and with a long one (24 epochs, lr 0.05, cosine, pruning
    until epoch 12), in this process (``harness.runner.run``); its answer per recipe is the
@@ -32,6 +37,11 @@ arm pays for training it) by three arms:
 Every row reports test accuracy beside val, and whether the goal also holds on test (relative
 drop against the dense model's test accuracy): val chose the answer, test is what it is worth.
 Sparsity is always counted from the weights (exact zeros) over the conv and linear weights.
+
+With ``--reuse-sweeps`` the sweep arm is not run: each seed's row is read from the
+``<outputs>/sweep-N/optimization_results.yaml`` of an earlier run, its wall time from the
+``<outputs>/sweep-N.wall`` file written after each timed sweep (or from ``--sweep-walls`` when that
+file is absent; unknown otherwise).
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ AMOUNT_RANGE = (0.5, 0.995)  # the hand loop's search space
 LR_RANGE = (1e-3, 0.2)
 QUICK_SWEEP_ARGS = ["hydra.sweeper.n_trials=3", "train.finetune_epochs=3", "prune.start_epoch=0", "prune.end_epoch=1"]
 QUICK_GRID = {"train.finetune_epochs": "3", "prune.end_epoch": "1"}
+CHECK_SEEDS = 2  # the hand loop's answer is re-run with this many more fine-tuning seeds, outside its budget
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,8 @@ class Settings:
     budget: int  # the hand loop's runs when the sweep arm gives none
     skip_sweep: bool
     sweep_args: list[str]
+    reuse_sweeps: bool = False
+    sweep_walls: dict[int, float] = field(default_factory=dict)  # per seed, when reused without a .wall file
     grid_sparsities: tuple[float, ...] = GRID_SPARSITIES
     grid_recipes: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GRID_RECIPES))
 
@@ -89,13 +102,20 @@ class Row:
     arm: str
     seed: str
     runs: int
-    wall_s: float
+    wall_s: float | None  # None: unknown (a reused sweep without its wall time)
     sparsity: float | None = None  # None: nothing met the goal on val
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     goal_val: bool | None = None
     goal_test: bool | None = None
     note: str = ""
+    # The answer re-run with other fine-tuning seeds: the sweep's confirmation, the hand loop's check
+    # (outside its budget). mean_runs counts the answer's own run too; 0: not re-run.
+    mean_runs: int = 0
+    mean_val: float | None = None
+    mean_test: float | None = None
+    mean_goal_val: bool | None = None
+    mean_goal_test: bool | None = None
 
 
 # -- the shared ground: config, data, dense baseline --------------------------------------------
@@ -201,6 +221,7 @@ def run_sweep(seed: int, outputs: Path, extra: Sequence[str], dense: Dense) -> t
     with open(log, "w") as f:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
+    wall_file(outputs, seed).write_text(f"{wall:.3f}\n")
     results_path = sweep_dir(outputs, seed) / "optimization_results.yaml"
     if code != 0 or not results_path.exists():
         tail = " / ".join(line.strip() for line in log.read_text().strip().splitlines()[-3:])[-300:]
@@ -210,13 +231,33 @@ def run_sweep(seed: int, outputs: Path, extra: Sequence[str], dense: Dense) -> t
     return sweep_row(results, seed, wall, budget, dense), budget
 
 
+def wall_file(outputs: Path, seed: int) -> Path:
+    return outputs / f"sweep-{seed}.wall"
+
+
+def reuse_sweep(seed: int, outputs: Path, dense: Dense, fallback_wall: float | None) -> tuple[Row, int | None]:
+    """The row of the sweep for ``seed`` that an earlier run left in ``outputs``, not re-run; its wall time
+    from ``sweep-N.wall``, else ``fallback_wall`` (None: unknown). Its budget is None when there is none."""
+    results_path = sweep_dir(outputs, seed) / "optimization_results.yaml"
+    wall = fallback_wall
+    with contextlib.suppress(OSError, ValueError):
+        wall = float(wall_file(outputs, seed).read_text().strip())
+    if not results_path.exists():
+        return Row("sweep", str(seed), 0, wall, note=f"failed (reused): no {results_path}"), None
+    results = yaml.safe_load(results_path.read_text()) or {}
+    budget = sweep_budget(results)
+    row = sweep_row(results, seed, wall, budget, dense)
+    progress(f"sweep seed {seed}: reused {results_path} (wall {'unknown' if wall is None else f'{wall:.1f} s'})")
+    return dataclasses.replace(row, note=f"{row.note}; reused, not re-run"), budget
+
+
 def sweep_budget(results: dict[str, Any]) -> int:
     """Fine-tuning runs the sweep spent: every search trial, whatever its state, and the confirmations."""
     trials = results.get("trials") or {}
     return sum(int(n) for n in trials.values()) + int(results.get("confirmation_runs") or 0)
 
 
-def sweep_row(results: dict[str, Any], seed: int, wall: float, budget: int, dense: Dense) -> Row:
+def sweep_row(results: dict[str, Any], seed: int, wall: float | None, budget: int, dense: Dense) -> Row:
     """The confirmed best: its own run's sparsity, the mean accuracies of its confirmation runs."""
     best = results.get("best")
     if not best:
@@ -234,9 +275,13 @@ def sweep_row(results: dict[str, Any], seed: int, wall: float, budget: int, dens
         note += f"; its dense baseline differs: val {dense_val}, test {dense_test}"
     from harness.goal import judge
 
-    return Row("sweep", str(seed), budget, wall, best.get("sparsity"), val, test,
-               None if val is None else judge(dense.cfg.goal, dense_val, val).met,
-               None if test is None else judge(dense.cfg.goal, dense_test, test).met, note)
+    goal_val = None if val is None else judge(dense.cfg.goal, dense_val, val).met
+    goal_test = None if test is None else judge(dense.cfg.goal, dense_test, test).met
+    row = Row("sweep", str(seed), budget, wall, best.get("sparsity"), val, test, goal_val, goal_test, note)
+    if runs:  # its val and test are already the means of its runs
+        row = dataclasses.replace(row, mean_runs=len(runs), mean_val=val, mean_test=test, mean_goal_val=goal_val,
+                                  mean_goal_test=goal_test)
+    return row
 
 
 def sweep_epochs(outputs: Path, seed: int) -> set[int]:
@@ -286,17 +331,25 @@ def measured_sparsity(params: list[tuple[nn.Module, str]]) -> float:
     return zeros / sum(getattr(m, n).numel() for m, n in params)
 
 
-def fine_tune_pruned(dense: Dense, amount: float, lr: float, epochs: int) -> nn.Module:
+def base_finetune_seed(dense: Dense) -> int:
+    """The fine-tuning seed of every search trial: the harness's (``train.finetune_seed_for``)."""
+    return dense.cfg.train.finetune_seed_for(dense.cfg.seed)
+
+
+def fine_tune_pruned(dense: Dense, amount: float, lr: float, epochs: int,
+                     finetune_seed: int | None = None) -> nn.Module:
     """A copy of the dense model fine-tuned for ``epochs`` while pruned up to ``amount`` along AGP at the
-    start of each epoch of the first half, then with the masks made permanent."""
+    start of each epoch of the first half, then with the masks made permanent. ``finetune_seed`` (default:
+    the search's, ``base_finetune_seed``) drives the fine-tuning's randomness: the data order and the RNGs."""
     from harness.runner import seed_everything
 
     model = copy.deepcopy(dense.model).train()
     params = prunable(model)
     # The same fine-tuning randomness for every trial (as the harness's trials): they differ only in
-    # their parameters.
-    seed_everything(dense.cfg.seed + 1)
-    dense.data.train.generator.manual_seed(dense.cfg.seed + 1)
+    # their parameters. A check of the answer changes only this seed.
+    seed = base_finetune_seed(dense) if finetune_seed is None else finetune_seed
+    seed_everything(seed)
+    dense.data.train.generator.manual_seed(seed)
     loader = dense.data.train
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
@@ -350,8 +403,37 @@ def hand_loop(dense: Dense, seed: int, budget: int, epochs: int) -> Row:
     best = max(met, key=lambda t: (t.value, t.user_attrs["result"]["val"]))
     result = best.user_attrs["result"]
     note = f"trial {best.number}: amount {best.params['amount']:.4f}, lr {best.params['lr']:.4f}; {len(met)} met"
-    return Row("hand loop", str(seed), budget, wall, best.value, result["val"], result["test"], True,
-               dense.goal_met("test", result["test"]), note)
+    row = Row("hand loop", str(seed), budget, wall, best.value, result["val"], result["test"], True,
+              dense.goal_met("test", result["test"]), note)
+    return check_pick(dense, row, best.params["amount"], best.params["lr"], epochs, CHECK_SEEDS)
+
+
+def check_pick(dense: Dense, row: Row, amount: float, lr: float, epochs: int, seeds: int) -> Row:
+    """The hand loop's answer re-run (outside its budget and its wall time) with ``seeds`` more fine-tuning
+    seeds, the ones after the search's own as in the sweep's confirmations; ``row`` with the means of all
+    its runs (its own first). Nothing is searched further whatever the means show."""
+    from harness.training import evaluate
+
+    device = next(dense.model.parameters()).device
+    base = base_finetune_seed(dense)
+    vals, tests = [row.val_accuracy], [row.test_accuracy]
+    start = time.perf_counter()
+    for finetune_seed in range(base + 1, base + 1 + seeds):
+        model = fine_tune_pruned(dense, amount, lr, epochs, finetune_seed)
+        val, test = evaluate(model, dense.data.val, device), evaluate(model, dense.data.test, device)
+        vals.append(val)
+        tests.append(test)
+        progress(f"hand loop seed {row.seed}: check {finetune_seed - base}/{seeds} of its pick (amount {amount:.4f} "
+                 f"lr {lr:.4f}) with fine-tuning seed {finetune_seed} -> sparsity "
+                 f"{measured_sparsity(prunable(model)):.4f} val {val:.4f} test {test:.4f}")
+    wall = time.perf_counter() - start
+    mean_val, mean_test = sum(vals) / len(vals), sum(tests) / len(tests)
+    goal_val, goal_test = dense.goal_met("val", mean_val), dense.goal_met("test", mean_test)
+    note = (f"{row.note}; its pick's single run, checked outside its budget with fine-tuning seeds "
+            f"{base + 1}-{base + seeds} ({wall:.1f} s): val {', '.join(f'{v:.4f}' for v in vals)}; "
+            f"{'holds' if goal_val else 'misses the goal'} on the mean val")
+    return dataclasses.replace(row, note=note, mean_runs=len(vals), mean_val=mean_val, mean_test=mean_test,
+                               mean_goal_val=goal_val, mean_goal_test=goal_test)
 
 
 # -- arm 3: a grid of the harness's own runs, by hand ---------------------------------------------------
@@ -395,17 +477,32 @@ def format_markdown(rows: Sequence[Row], head: str, summary: Sequence[str]) -> s
     def yes(value: bool | None) -> str:
         return "-" if value is None else ("yes" if value else "no")
 
-    lines = [head, "",
-             "| arm | seed | runs | wall (s) | best sparsity | val acc | test acc | goal val | goal test | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
-    lines += [f"| {r.arm} | {r.seed} | {r.runs} | {r.wall_s:.1f} | {num(r.sparsity)} | {num(r.val_accuracy)} | "
-              f"{num(r.test_accuracy)} | {yes(r.goal_val)} | {yes(r.goal_test)} | {r.note.replace('|', '/')} |"
+    def mean(r: Row, value: float | None) -> str:
+        return "-" if not r.mean_runs or value is None else f"{value:.4f} ({r.mean_runs})"
+
+    lines = [head, "", LEGEND, "",
+             "| arm | seed | runs | wall (s) | best sparsity | val acc | test acc | goal val | goal test "
+             "| mean val (runs) | mean test (runs) | goal mean val | goal mean test | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|---|"]
+    lines += [f"| {r.arm} | {r.seed} | {r.runs} | {'unknown' if r.wall_s is None else f'{r.wall_s:.1f}'} | "
+              f"{num(r.sparsity)} | {num(r.val_accuracy)} | {num(r.test_accuracy)} | {yes(r.goal_val)} | "
+              f"{yes(r.goal_test)} | {mean(r, r.mean_val)} | {mean(r, r.mean_test)} | "
+              f"{yes(r.mean_goal_val if r.mean_runs else None)} | {yes(r.mean_goal_test if r.mean_runs else None)} | "
+              f"{r.note.replace('|', '/')} |"
               for r in rows]
     return "\n".join([*lines, "", *summary]) + "\n"
 
 
+LEGEND = ("runs: fine-tuning runs of the arm's budget; val/test acc: its answer as the arm reports it (the sweep: "
+          "the mean over its confirmation runs; the hand loop and the grid: one run); mean val/test (runs): the "
+          "answer re-run with other fine-tuning seeds, the mean over that many runs (the sweep: its own "
+          f"confirmations, within its budget; the hand loop: its pick's run plus {CHECK_SEEDS} check runs, outside "
+          "its budget and wall time); goal mean val/test: whether the goal holds on those means.")
+
+
 def compare(rows: Sequence[Row], seeds: Sequence[int]) -> list[str]:
-    """Per seed: is the sweep's confirmed best at least as sparse as the hand loop's best?"""
+    """Per seed: the sweep's confirmed best against the hand loop's best whose mean over its runs (its pick
+    and its check) meets the goal on val; an answer whose mean misses the goal did not hold."""
     lines = []
     for seed in seeds:
         sweep = next((r for r in rows if r.arm == "sweep" and r.seed == str(seed)), None)
@@ -413,11 +510,33 @@ def compare(rows: Sequence[Row], seeds: Sequence[int]) -> list[str]:
         if sweep is None or hand is None or sweep.note.startswith("failed"):
             lines.append(f"- seed {seed}: sweep {'skipped' if sweep is None else 'failed'}, nothing to compare")
             continue
-        s, h = sweep.sparsity, hand.sparsity
-        verdict = "n/a" if s is None and h is None else "yes" if h is None or (s is not None and s >= h) else "no"
-        lines.append(f"- seed {seed}: sweep's confirmed best {'-' if s is None else f'{s:.4f}'} >= hand loop's "
-                     f"{'-' if h is None else f'{h:.4f}'}: {verdict}")
+        s, s_holds = answer(sweep, "sweep")
+        h, h_holds = answer(hand, "hand loop")
+        if s_holds and h_holds:
+            verdict = ("the sweep's is at least as sparse" if (sweep.sparsity or 0) >= (hand.sparsity or 0)
+                       else "the hand loop's is sparser")
+        elif s_holds:
+            verdict = "only the sweep's answer holds"
+        elif h_holds:
+            verdict = "only the hand loop's answer holds"
+        else:
+            verdict = "neither answer holds"
+        lines.append(f"- seed {seed}: sweep {s} vs hand loop {h}: {verdict}")
     return lines
+
+
+def answer(row: Row, arm: str) -> tuple[str, bool]:
+    """An arm's answer in words, and whether it holds: its mean val over its runs meets the goal (a single
+    run, not re-run, counts as not shown to hold)."""
+    if row.sparsity is None:
+        return "- (no answer met the goal on val)", False
+    pick = "its confirmed best's" if arm == "sweep" else "its pick's"
+    if not row.mean_runs or row.mean_val is None:
+        return f"{row.sparsity:.4f} (one run, not re-run: val {row.val_accuracy:.4f})", False
+    holds = bool(row.mean_goal_val)
+    test = "meets it on test too" if row.mean_goal_test else "misses it on test"
+    return (f"{row.sparsity:.4f} ({pick} {row.mean_runs}-run mean val {row.mean_val:.4f}: "
+            f"{'meets the goal' if holds else 'misses the goal'}; mean test {row.mean_test:.4f}: {test})", holds)
 
 
 def load_average() -> float:
@@ -429,13 +548,15 @@ def load_average() -> float:
 def header(settings: Settings, dense: Dense, outputs: Path, load_at_start: float) -> str:
     # Wall times are only comparable on an otherwise idle machine: another process on these cores
     # slows every arm several times over (OpenMP threads spin while a peer is descheduled).
+    sweeps = ("sweeps reused from an earlier run in outputs (not re-run here)" if settings.reuse_sweeps
+              else f"sweep args: {shlex.join(settings.sweep_args) or '(none)'}")
     return (f"## Sparsity frontier: digits_cnn, goal <= {dense.cfg.goal.max_drop:.0%} relative val drop\n\n"
             f"dense baseline {dense.key} ({'reused from cache' if dense.reused else 'trained for this bench'}): "
             f"val {dense.val_accuracy:.4f}, test {dense.test_accuracy:.4f}; "
             f"hand loop {settings.epochs} epochs per run; "
-            f"grid targets {', '.join(f'{s:g}' for s in settings.grid_sparsities)}; sweep args: "
-            f"{shlex.join(settings.sweep_args) or '(none)'}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads; load average {load_at_start:.2f} at the start, {load_average():.2f} at the end "
+            f"grid targets {', '.join(f'{s:g}' for s in settings.grid_sparsities)}; {sweeps}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"load average {load_at_start:.2f} at the start, {load_average():.2f} at the end "
             f"(wall times assume an idle machine); outputs {outputs}")
 
 
@@ -448,6 +569,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     parser.add_argument("--outputs", type=Path, help="outputs_dir of every arm (default: a fresh folder under "
                                                      "outputs/bench_frontier)")
     parser.add_argument("--skip-sweep", action="store_true", help="leave the sweep arm out")
+    parser.add_argument("--reuse-sweeps", action="store_true",
+                        help="do not run the sweeps: read each seed's row from <outputs>/sweep-N/"
+                             "optimization_results.yaml and its wall time from <outputs>/sweep-N.wall")
+    parser.add_argument("--sweep-walls", default="", help="with --reuse-sweeps: the sweeps' wall times in seconds, "
+                        "one per seed of --seeds, used where no sweep-N.wall file exists")
     parser.add_argument("--budget", type=int, default=30, help="hand loop runs when the sweep gives no budget")
     parser.add_argument("--epochs", type=int, default=24, help="the hand loop's fine-tuning epochs (the sweep "
                                                                "recipe's)")
@@ -461,13 +587,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         parser.error(f"--seeds {args.seeds}: comma-separated integers")
     if not seeds or args.budget < 1 or args.epochs < 1:
         parser.error("--seeds needs one seed at least; --budget and --epochs must be >= 1")
+    if args.reuse_sweeps and args.skip_sweep:
+        parser.error("--reuse-sweeps and --skip-sweep exclude each other")
+    if args.reuse_sweeps and args.outputs is None:
+        parser.error("--reuse-sweeps needs --outputs: the folder of the run whose sweeps are reused")
+    walls: dict[int, float] = {}
+    if args.sweep_walls:
+        if not args.reuse_sweeps:
+            parser.error("--sweep-walls needs --reuse-sweeps")
+        try:
+            values = [float(w) for w in args.sweep_walls.split(",")]
+        except ValueError:
+            parser.error(f"--sweep-walls {args.sweep_walls}: comma-separated seconds")
+        if len(values) != len(seeds):
+            parser.error(f"--sweep-walls: {len(values)} values for {len(seeds)} seeds ({args.seeds})")
+        walls = dict(zip(seeds, values, strict=True))
     sweep_args = shlex.split(args.sweep_args)
     if args.quick:
         quick_recipes = {name: recipe | QUICK_GRID for name, recipe in GRID_RECIPES.items()}
-        settings = Settings(seeds[:1], 2, 3, args.skip_sweep, [*QUICK_SWEEP_ARGS, *sweep_args],
-                            (GRID_SPARSITIES[0], GRID_SPARSITIES[2]), quick_recipes)
+        settings = Settings(seeds[:1], 2, 3, args.skip_sweep, [*QUICK_SWEEP_ARGS, *sweep_args], args.reuse_sweeps,
+                            walls, (GRID_SPARSITIES[0], GRID_SPARSITIES[2]), quick_recipes)
     else:
-        settings = Settings(seeds, args.epochs, args.budget, args.skip_sweep, sweep_args)
+        settings = Settings(seeds, args.epochs, args.budget, args.skip_sweep, sweep_args, args.reuse_sweeps, walls)
     return settings, args
 
 
@@ -488,8 +629,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for seed in settings.seeds:
         budget = None
-        if not settings.skip_sweep:
+        if settings.reuse_sweeps:
+            row, budget = reuse_sweep(seed, outputs, dense, settings.sweep_walls.get(seed))
+        elif not settings.skip_sweep:
             row, budget = run_sweep(seed, outputs, settings.sweep_args, dense)
+        if not settings.skip_sweep:
             rows.append(row)
             ran = sweep_epochs(outputs, seed)
             if not args.quick and ran and ran != {settings.epochs}:

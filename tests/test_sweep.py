@@ -344,7 +344,7 @@ def test_a_sweep_whose_trials_all_fail_exits_non_zero(tmp_path, n_jobs):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: sweep quick stopped after 2 failed trials (hydra.sweeper.max_failure_rate=0.5 "
                            "of n_trials=4); the first, trial 0 ("), last
-    assert "Diverged" in last and "Traceback" not in result.stderr
+    assert f"trial 0 ({tmp_path}/sweep/0): Diverged" in last and "Traceback" not in result.stderr
     study = load(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2  # at most 0.5 x 4, whatever the workers
     assert not [r for r in mlflow_runs(tmp_path) if r.info.status == "RUNNING"]

@@ -75,25 +75,10 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
     space = parse_search_space({**params, **swept})
     starting_points = _starting_points(options.enqueue, space, options.params)
     outputs_dir = Path(config.outputs_dir)
-    storage = options.storage or default_storage(outputs_dir)
     identity = StudyIdentity.build(
         config.hydra.runtime.choices, _job_config(config), _space_text(space), list(options.objectives),
         list(options.directions), options.goal_constraint, options.sampler)
-    base_name = options.study_name or config.hydra.runtime.choices.get("sweep") or "sweep"
-    with study_lock(storage, "harness.study-names"):
-        name, resumed = resolve_study_name(make_storage(storage), base_name, options.study_name is not None, identity)
-        settings = SweepSettings(
-            study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),
-            directions=list(options.directions), goal_constraint=options.goal_constraint,
-            sampler=options.sampler.get("name", "tpe"), seed=options.sampler.get("seed", 0),
-            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate)
-        _check_settings(settings)
-        study = open_study(settings)
-        if not resumed:
-            store_identity(study, identity)
-            for point in starting_points:
-                study.enqueue_trial(point, skip_if_exists=True)
-        study.set_user_attr(PRUNER_ATTR, settings.pruner)  # the trials' runs build their pruner from it
+    study, settings, resumed = _open(options, config, identity, starting_points)
     if not options.worker:
         _announce(study, resumed, identity, space, options.n_trials)
     sweep_dir = Path(config.hydra.sweep.dir)
@@ -119,7 +104,7 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
         log.info("confirming trial %d with train.finetune_seed=%d", trial.number, finetune_seed)
         return launch([*fixed_args, *overrides, *link(trial.number, finetune_seed)], next(job_numbers))
 
-    workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id, name)
+    workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id, study.study_name)
     try:
         with _closing(parent):
             worked = run_worker(settings, space, run_trial)  # (the parent run's tracker closed dead trials' runs)
@@ -136,13 +121,36 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
                                           lambda t: _finetune_seed(t, config), run_confirmation)
             base = run_overrides(fixed_args, config, compose)
             _report(study, space, base, sweep_dir, parent, OmegaConf.to_object(config.goal), identity,
-                     confirmed, best, options.confirm)
+                     confirmed, best)
             if failure is not None:
                 raise SweepFailed(failure)
     except BaseException:
         for process in workers:
             process.terminate()
         raise
+
+
+def _open(options: SweeperOptions, config: DictConfig, identity: StudyIdentity,
+          starting_points: list[dict[str, Any]]) -> tuple[optuna.Study, SweepSettings, bool]:
+    """This command's study (found by its identity, or created with its starting points), its settings,
+    and whether it existed already. One process at a time, so that two workers create one study."""
+    storage = options.storage or default_storage(config.outputs_dir)
+    base_name = options.study_name or config.hydra.runtime.choices.get("sweep") or "sweep"
+    with study_lock(storage, "harness.study-names"):
+        name, resumed = resolve_study_name(make_storage(storage), base_name, options.study_name is not None, identity)
+        settings = SweepSettings(
+            study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),
+            directions=list(options.directions), goal_constraint=options.goal_constraint,
+            sampler=options.sampler.get("name", "tpe"), seed=options.sampler.get("seed", 0),
+            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate)
+        _check_settings(settings)
+        study = open_study(settings)
+        if not resumed:
+            store_identity(study, identity)
+            for point in starting_points:
+                study.enqueue_trial(point, skip_if_exists=True)
+        study.set_user_attr(PRUNER_ATTR, settings.pruner)  # the trials' runs build their pruner from it
+    return study, settings, resumed
 
 
 def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -283,8 +291,7 @@ def _start_workers(count: int, sweep_dir: Path, parent_id: str | None, study_nam
 
 
 def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir: Path, parent: Tracker,
-            goal: GoalConfig, identity: StudyIdentity, confirmed: list[Candidate], best: Candidate | None,
-            confirm_options: dict[str, Any]) -> None:
+            goal: GoalConfig, identity: StudyIdentity, confirmed: list[Candidate], best: Candidate | None) -> None:
     chosen = describe(study, space, base, confirmed, best)
     results = sweep_dir / "optimization_results.yaml"
     write_results(results, study, chosen, identity, confirmed)

@@ -92,7 +92,9 @@ class HarnessSweeper(Sweeper):
         def launch(overrides: list[str], job_index: int) -> Any:
             (result,) = self.launcher.launch([overrides], initial_job_idx=job_index)
             value = result._return_value if result.status == JobStatus.FAILED else result.return_value
-            return describe_outcome(value, result.working_dir)
+            # The job's own folder (its log, its artifacts): the cwd stays put with hydra.job.chdir=false.
+            folder = OmegaConf.select(result.hydra_cfg, "hydra.runtime.output_dir") if result.hydra_cfg else None
+            return describe_outcome(value, folder or result.working_dir)
 
         def compose(overrides: list[str]) -> DictConfig:
             return self.config_loader.load_configuration(config_name=self.config.hydra.job.config_name,
