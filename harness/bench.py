@@ -751,9 +751,8 @@ def _e_processes(ctx: Context, common: list[str], runs: Path) -> tuple[float, st
 # torch, Optuna, Hydra, MLflow imports) and the same stores: one SQLite Optuna storage and the
 # default SQLite MLflow store under one outputs_dir, schemas created and the dense baseline
 # cached before any timed arm. Both ask the same sampler (TPE, seed 0, multivariate) for the same
-# two parameters and run the same reduced config through harness.runner.run. The sweep keeps
-# its default median pruner; with 2 fine-tuning epochs and its 2 warm-up steps it never stops
-# a trial, so both arms train every trial to the end.
+# two parameters and run the same reduced config through harness.runner.run. The sweep's pruner
+# and its confirmation runs are turned off, so both arms train the same trials to the end.
 
 SWEEP_SPACE = {"prune.target_sparsity": (0.5, 0.95), "prune.schedule": ["linear", "cubic"]}
 
@@ -825,6 +824,8 @@ def item_f(ctx: Context) -> list[Result]:
         return run("sweep", [
             sys.executable, "-m", "harness", "--multirun", "hydra/sweeper=harness_optuna",
             f"hydra.sweeper.n_trials={s.f_trials}", f"hydra.sweeper.study_name=bench-sweep-{r}",
+            # like for like with the plain loop: no trial pruning, no confirmation runs
+            "hydra.sweeper.pruner.name=none", "hydra.sweeper.confirm.seeds=0",
             f"prune.target_sparsity=interval({low}, {high})", f"prune.schedule=choice({choices})",
             *fixed, f"hydra.sweep.dir={ctx.workdir / f'sweep-{r}'}"])
 

@@ -80,7 +80,8 @@ ARTIFACTS = REPO / "outputs" / "test-artifacts"
 DOCS_SCREENSHOT = REPO / "docs" / "mlflow-ui.png"
 
 FAST = ["train.epochs=2", "train.finetune_epochs=3", "prune.end_epoch=2"]
-SWEEP = ["hydra/sweeper=harness_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.name=none", *FAST,
+SWEEP = ["hydra/sweeper=harness_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.name=none",
+         "hydra.sweeper.confirm.seeds=0", *FAST,
          "prune.target_sparsity=interval(0.5, 0.9)"]
 PER_LAYER = ["features.0.weight", "features.2.weight", "classifier.1.weight", "classifier.3.weight"]
 
