@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import Config, TrackingBackend, apply_lpot_file, register_configs, to_config
+from harness.config import CONF_DIR, Config, TrackingBackend, apply_lpot_file, register_configs, to_config
 from harness.errors import HarnessError, Interrupted, user_error_message
 from harness.mlflow_writer import writer
 
@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 
 register_configs()
 
-
-# conf/ sits beside the package in the checkout (an editable install runs from there).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -625,15 +625,9 @@ def item_d(ctx: Context) -> list[Result]:
 
 def compose(overrides: Sequence[str]) -> Any:
     """The typed config for ``overrides``, composed as the command line does (tests/conftest.py)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from harness.config import compose_config
 
-    from harness.__main__ import CONF_DIR
-    from harness.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+    return compose_config(list(overrides))
 
 
 @contextlib.contextmanager

@@ -68,6 +68,8 @@ import yaml
 from torch import nn
 from torch.nn.utils import prune
 
+from harness.config import compose_config
+
 REPO = Path(__file__).resolve().parent.parent
 GRID_SPARSITIES = (0.95, 0.97, 0.98, 0.985, 0.99)
 GRID_RECIPES: dict[str, dict[str, str]] = {
@@ -121,21 +123,6 @@ class Row:
 # -- the shared ground: config, data, dense baseline --------------------------------------------
 
 
-def compose(overrides: Sequence[str]) -> Any:
-    """The typed config for ``overrides``, composed as the command line does (as harness.bench does;
-    not imported from there, since importing harness.bench samples the machine's load and may set
-    OMP_WAIT_POLICY for every process this bench starts)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from harness.__main__ import CONF_DIR
-    from harness.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
-
-
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Swallow what a harness run prints (its summary; its tqdm bar)."""
@@ -172,7 +159,7 @@ def load_dense(outputs: Path) -> Dense:
     from harness.runner import seed_everything
     from harness.training import evaluate, fit, resolve_device
 
-    cfg = compose(["tracking=none", f"outputs_dir={outputs}"])
+    cfg = compose_config(["tracking=none", f"outputs_dir={outputs}"])
     device = resolve_device(cfg.train.device)
     data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
     seed_everything(cfg.seed)  # the runner's order: the model's initial weights come from this seed
@@ -447,7 +434,7 @@ def grid(dense: Dense, outputs: Path, recipe: str, overrides: dict[str, str], sp
     runs: dict[float, Any] = {}
     start = time.perf_counter()
     for target in sparsities:
-        cfg = compose(["prune.scope=global", f"prune.target_sparsity={target}", "tracking=none",
+        cfg = compose_config(["prune.scope=global", f"prune.target_sparsity={target}", "tracking=none",
                        f"outputs_dir={outputs}", *fixed])
         with quiet():
             runs[target] = runner.run(cfg, outputs / "grid" / recipe / f"{target}").metrics

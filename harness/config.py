@@ -21,6 +21,8 @@ from harness.pruning.spec import PruningSpec
 
 DATASETS = ("digits", "cifar10", "imagefolder", "fake")
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+# conf/ sits beside the package in the checkout (an editable install runs from there).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HARNESS_MODELS = ("digits_cnn", "mlp")
 
 
@@ -283,6 +285,15 @@ def apply_lpot_file(cfg: DictConfig, command_line: list[str]) -> DictConfig:
     for line in migration.unmapped:
         print(f"  not used: {line}")
     return merged  # type: ignore[return-value]
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The typed config for ``overrides``, composed exactly as the command line does (benchmarks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
 
 
 def to_config(cfg: DictConfig) -> Config:

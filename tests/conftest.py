@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from harness.__main__ import CONF_DIR
-from harness.config import Config, register_configs, to_config
+from harness import config
+from harness.config import Config
 from tests.postgres import postgres_server  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,9 +35,7 @@ def run_cli(args: list[str], outputs: Path, timeout: int = 240) -> subprocess.Co
 
 def compose_config(overrides: list[str] | None = None) -> Config:
     """The typed config for ``overrides``, composed exactly as the command line does."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides or []))
+    return config.compose_config(overrides or [])
 
 
 @pytest.fixture
