@@ -381,3 +381,38 @@ def test_sigkill_during_confirmation_then_the_same_command_confirms_each_once(tm
     finished = sorted(r.data.tags["optuna.trial_number"] for r in confirmations if r.info.status == "FINISHED")
     assert finished == ["0", "1"]  # each candidate confirmed once; the killed run is FAILED, not repeated twice
     assert len([r for r in confirmations if r.info.status == "FAILED"]) == 1
+
+
+@pytest.mark.slow
+def test_the_goal_pruner_replayed_on_real_trials_stops_only_trials_that_cannot_win(tmp_path):
+    """Real trials run to the end (no pruner), then their curves are replayed, in order, through the
+    goal pruner: every trial it stops could not have won, and the best trial is never stopped."""
+    from harness.sweep.pruners import GoalPruner
+
+    result = run_sweep([*QUICK, "hydra.sweeper.n_trials=6", "train.finetune_epochs=4", "prune.end_epoch=1",
+                        "prune.target_sparsity=interval(0.5, 0.99)"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    real = load(tmp_path).trials
+    assert all(t.state == TrialState.COMPLETE and len(t.intermediate_values) == 4 for t in real)
+    feasible = [t for t in real if all(v <= 0 for v in t.constraints.values())]
+    best = max(feasible, key=lambda t: t.value)
+
+    replay = optuna.create_study(direction="maximize")
+    stopped = []
+    for t in real:
+        trial = replay.ask()
+        for key in ("plan", "goal_accuracy"):
+            trial.set_user_attr(key, t.user_attrs[key])
+        for step in sorted(t.intermediate_values):
+            trial.report(t.intermediate_values[step], step)
+            if GoalPruner().prune(replay, replay._storage.get_trial(trial._trial_id)):
+                stopped.append(t)
+                replay.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            for name, value in t.constraints.items():
+                trial.set_constraint(name, value)
+            replay.tell(trial, t.value)
+    assert best not in stopped
+    assert stopped, [(t.params, t.value) for t in real]  # some trial could not win, and was stopped
+    assert all(t.value < best.value for t in stopped)
