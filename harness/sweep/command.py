@@ -29,7 +29,7 @@ def run_overrides(fixed_args: list[str], sweep_config: DictConfig, compose: Comp
     groups = _changed_groups(sweep_config, compose(typed))
     with_groups = merge([*typed, *groups])
     plain = compose(with_groups)
-    want, have = _job_leaves(sweep_config), _job_leaves(plain)
+    want, have = _leaves(sweep_config), _leaves(plain)
     changed = [f"{'' if key in have else '+'}{key}={encode_value(value)}"
                for key, value in want.items() if key not in have or have[key] != value]
     return merge([*with_groups, *changed])
@@ -60,6 +60,11 @@ def _changed_groups(sweep_config: DictConfig, plain: DictConfig) -> list[str]:
             and have.get(group) != option]
 
 
-def _job_leaves(config: DictConfig) -> dict[str, Any]:
-    job = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
-    return {k: v for k, v in flatten(job).items() if not k.startswith("sweep_trial.")}
+def job_config(config: DictConfig) -> dict[str, Any]:
+    """The composed job config (less Hydra's own node) as plain data."""
+    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    return OmegaConf.to_container(job, resolve=True)  # type: ignore[return-value]
+
+
+def _leaves(config: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in flatten(job_config(config)).items() if not k.startswith("sweep_trial.")}

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig
 from harness.goal import Verdict, judge
+from harness.sweep.pruners import is_feasible
 from harness.sweep.trial import confirmation_attr
 
 
@@ -83,7 +84,7 @@ def feasible_candidates(study: optuna.Study) -> list[FrozenTrial]:
     """Finished trials that met every constraint, best objective first (then higher val accuracy)."""
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.values and all(v <= 0 for v in t.constraints.values())]
+              if t.values and is_feasible(t)]
     return sorted(trials, key=lambda t: (sign * t.values[0], -_metric(t, "final/accuracy"), t.number))
 
 

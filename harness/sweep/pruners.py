@@ -74,10 +74,15 @@ class GoalPruner(optuna.pruners.BasePruner):
         return trial.intermediate_values[step] < goal - RECOVERY_FACTOR * allowance - self.recovery_margin
 
 
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Whether the trial meets every constraint it set (the accuracy goal); Optuna's own rule."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
 def best_feasible_value(study: optuna.Study) -> float | None:
     """The best objective value among finished trials that meet every constraint."""
     values = [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.values and all(v <= 0 for v in t.constraints.values())]
+              if t.values and is_feasible(t)]
     if not values:
         return None
     return max(values) if study.direction == StudyDirection.MAXIMIZE else min(values)

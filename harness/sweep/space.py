@@ -92,16 +92,10 @@ class SearchSpace:
         values.update(self.fixed)
         return values
 
-    def describe(self) -> list[str]:
-        """One line per key as it will be sampled (or fixed), for the start of a sweep's output."""
-        lines = [f"{key}: {describe_distribution(dist)}" for key, dist in self.distributions.items()]
-        return lines + [f"{key}: {encode_value(value)} (fixed)" for key, value in self.fixed.items()]
-
-    def without(self, keys: set[str]) -> SearchSpace:
-        """The space less ``keys`` (keys fixed on the command line leave the search)."""
-        return SearchSpace({k: d for k, d in self.distributions.items() if k not in keys},
-                           {k: v for k, v in self.fixed.items() if k not in keys},
-                           {k: v for k, v in self.container_choices.items() if k not in keys})
+    def describe(self) -> dict[str, str]:
+        """Each key as it will be sampled (or fixed): printed at the start of a sweep, part of its identity."""
+        return ({key: describe_distribution(dist) for key, dist in self.distributions.items()}
+                | {key: f"{encode_value(value)} (fixed)" for key, value in self.fixed.items()})
 
     def to_overrides(self, values: Mapping[str, Any]) -> list[str]:
         """``key=value`` overrides that Hydra's parser reads back as the same values and types."""

@@ -17,6 +17,7 @@ from harness.config import GoalConfig, GoalCriterion
 from harness.sweep.command import trial_command
 from harness.sweep.confirm import Candidate
 from harness.sweep.identity import StudyIdentity
+from harness.sweep.pruners import is_feasible
 from harness.sweep.space import SearchSpace
 
 
@@ -132,7 +133,7 @@ def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: Goal
 def _plot_frontier(plt: Any, study: optuna.Study, complete: list[FrozenTrial], chosen: list[Chosen],
                    path: Path, goal: GoalConfig | None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+    feasible = [t for t in complete if is_feasible(t)]
     missed = [t for t in complete if t not in feasible]
     for trials, style, label in ((feasible, "o", "meets the goal"), (missed, "x", "misses the goal")):
         if trials:

@@ -25,11 +25,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, TrackingConfig
 from harness.errors import ConfigError, HarnessError
-from harness.sweep.command import Compose, run_overrides
+from harness.sweep.command import Compose, job_config, run_overrides
 from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
-from harness.sweep.space import SearchSpace, describe_distribution, encode_value, parse_search_space
+from harness.sweep.space import SearchSpace, encode_value, parse_search_space
 from harness.sweep.study import PRUNER_ATTR, default_storage, failed_trials, make_storage, study_lock
 from harness.sweep.summary import describe, plot_all, write_confirmations_csv, write_results
 from harness.tracking import MlflowTracker, Tracker, make_tracker
@@ -76,7 +76,7 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
     starting_points = _starting_points(options.enqueue, space, options.params)
     outputs_dir = Path(config.outputs_dir)
     identity = StudyIdentity.build(
-        config.hydra.runtime.choices, _job_config(config), _space_text(space), list(options.objectives),
+        config.hydra.runtime.choices, job_config(config), space.describe(), list(options.objectives),
         list(options.directions), options.goal_constraint, options.sampler)
     study, settings, resumed = _open(options, config, identity, starting_points)
     if not options.worker:
@@ -173,17 +173,6 @@ def _command_line_wins(params: dict[str, Any], fixed_args: list[str]) -> dict[st
     return {k: v for k, v in params.items() if k not in typed}
 
 
-def _job_config(config: DictConfig) -> dict[str, Any]:
-    """The composed job config (less Hydra's own node) as plain data."""
-    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-    return OmegaConf.to_container(job, resolve=True)  # type: ignore[return-value]
-
-
-def _space_text(space: SearchSpace) -> dict[str, str]:
-    return ({k: describe_distribution(d) for k, d in space.distributions.items()}
-            | {k: f"{encode_value(v)} (fixed)" for k, v in space.fixed.items()})
-
-
 def _starting_points(points: list[dict[str, Any]], space: SearchSpace, file_params: dict[str, Any]
                      ) -> list[dict[str, Any]]:
     """The sweep's starting points (``hydra.sweeper.enqueue``), asked before the sampler's own; keys
@@ -203,18 +192,15 @@ def _announce(study: optuna.Study, resumed: bool, identity: StudyIdentity, space
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     state = f"resumed, {done} of {n_trials} trials finished" if resumed else f"new, {n_trials} trials"
     lines = [f"study {study.study_name} ({state}; identity {identity.digest()}), search space:"]
-    lines += [f"  {line}" for line in space.describe()]
+    lines += [f"  {key}: {text}" for key, text in space.describe().items()]
     log.info("\n".join(lines))
 
 
 def _finetune_seed(trial: FrozenTrial, config: DictConfig) -> int:
-    """The fine-tuning seed of the trial's own run (its confirmations use the next ones)."""
-    params = trial.params
-    if params.get("train.finetune_seed") is not None:
-        return int(params["train.finetune_seed"])
-    if config.train.finetune_seed is not None and "seed" not in params:
-        return int(config.train.finetune_seed)
-    return int(params.get("seed", config.seed)) + 1
+    """The fine-tuning seed of the trial's own run (its confirmations use the next ones), as
+    ``TrainConfig.finetune_seed_for`` gives it from the trial's values over the sweep's config."""
+    finetune_seed = trial.params.get("train.finetune_seed", config.train.finetune_seed)
+    return int(finetune_seed) if finetune_seed is not None else int(trial.params.get("seed", config.seed)) + 1
 
 
 def _failure(study: optuna.Study, settings: SweepSettings, stopped: bool) -> str | None:
