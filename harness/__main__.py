@@ -13,8 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.config import CONF_DIR, Config, TrackingBackend, apply_lpot_file, register_configs, to_config
+from harness.config import CONF_DIR, Config, TrackingBackend, register_configs, to_config
 from harness.errors import HarnessError, Interrupted, user_error_message
+from harness.lpot_config import apply_lpot_file
 from harness.mlflow_writer import writer
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ register_configs()
 def _hydra_main(cfg: DictConfig) -> dict[str, float]:
     if cfg.tracking.backend == TrackingBackend.mlflow:
         writer()  # its process imports MLflow while this one imports torch
-    from harness import runner  # imported here so that config errors surface before torch loads
+    # Imported here, not at the top: config errors surface before torch (seconds) loads.
+    from harness import checkpoints, runner
 
     try:
         if cfg.lpot:
@@ -36,8 +38,6 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
         config = to_config(cfg)
         output_dir, resume = Path(HydraConfig.get().runtime.output_dir), None
         if config.resume:
-            from harness import checkpoints
-
             resume = checkpoints.load(config.resume, config)
             config, output_dir = resume.config, resume.path.parent  # the interrupted run's own config and dir
         result = runner.run(config, output_dir, trial=_sweep_trial(config), resume=resume)
@@ -51,7 +51,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
 def _sweep_trial(config: Config) -> TrialLink | None:
     if not config.sweep_trial.study:
         return None
-    from harness.sweep.trial import TrialLink
+    from harness.sweep.trial import TrialLink  # Optuna, imported by sweep trials only
 
     return TrialLink.from_config(config)
 

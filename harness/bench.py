@@ -295,7 +295,7 @@ class EngineArm:
     first update), with the clock at step ``every``, so that the next step re-scores every
     weight and prunes from 89% to 90% (linear schedule, ``initial_sparsity`` 0.89, ending at
     step ``every``). Normal steps run at 90%, after that update. The engine is also given the
-    optimizer (``attach(optimizer=...)``, as the README offers, and as the harness's own loop
+    optimizer (``attach(optimizer=...)``, as docs/engine.md offers, and as the harness's own loop
     does): its step hooks count the steps, and the step callbacks, still called, leave it to them.
     """
 

@@ -63,12 +63,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 import yaml
 from torch import nn
 from torch.nn.utils import prune
 
+from harness import runner
 from harness.config import compose_config
+from harness.experiment import dense_baseline, prepare
+from harness.goal import judge
+from harness.tracking import Tracker
+from harness.training import evaluate, seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 GRID_SPARSITIES = (0.95, 0.97, 0.98, 0.985, 0.99)
@@ -144,8 +150,6 @@ class Dense:
     reused: bool
 
     def goal_met(self, split: str, accuracy: float) -> bool:
-        from harness.goal import judge
-
         dense = self.val_accuracy if split == "val" else self.test_accuracy
         return judge(self.cfg.goal, dense, accuracy).met
 
@@ -153,25 +157,11 @@ class Dense:
 def load_dense(outputs: Path) -> Dense:
     """The default config's dense baseline from ``outputs/baselines``, trained and cached there the
     way ``harness.runner.run`` does when absent; its val accuracy, measured here, must be the cached one."""
-    from harness.baseline import load_or_train
-    from harness.data import build_data
-    from harness.models import build_model
-    from harness.runner import seed_everything
-    from harness.training import evaluate, fit, resolve_device
-
     cfg = compose_config(["tracking=none", f"outputs_dir={outputs}"])
-    device = resolve_device(cfg.train.device)
-    data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
-    seed_everything(cfg.seed)  # the runner's order: the model's initial weights come from this seed
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-
-    def train_dense(m: nn.Module) -> tuple[float, float]:
-        fit(m, data.train, data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr, device=device,
-            desc="dense")
-        return evaluate(m, data.val, device), evaluate(m, data.test, device)
-
     with quiet():
-        baseline = load_or_train(cfg, model, train_dense, outputs / "baselines")
+        exp = prepare(cfg)
+        baseline = dense_baseline(exp, Tracker())
+    data, model, device = exp.data, exp.model, exp.device
     val, test = evaluate(model, data.val, device), evaluate(model, data.test, device)
     assert val == baseline.val_accuracy, f"dense val accuracy {val} != cached {baseline.val_accuracy}"
     assert test == baseline.test_accuracy, f"dense test accuracy {test} != cached {baseline.test_accuracy}"
@@ -260,7 +250,6 @@ def sweep_row(results: dict[str, Any], seed: int, wall: float | None, budget: in
              if runs else "; unconfirmed")
     if (dense_val, dense_test) != (dense.val_accuracy, dense.test_accuracy):
         note += f"; its dense baseline differs: val {dense_val}, test {dense_test}"
-    from harness.goal import judge
 
     goal_val = None if val is None else judge(dense.cfg.goal, dense_val, val).met
     goal_test = None if test is None else judge(dense.cfg.goal, dense_test, test).met
@@ -328,8 +317,6 @@ def fine_tune_pruned(dense: Dense, amount: float, lr: float, epochs: int,
     """A copy of the dense model fine-tuned for ``epochs`` while pruned up to ``amount`` along AGP at the
     start of each epoch of the first half, then with the masks made permanent. ``finetune_seed`` (default:
     the search's, ``base_finetune_seed``) drives the fine-tuning's randomness: the data order and the RNGs."""
-    from harness.runner import seed_everything
-
     model = copy.deepcopy(dense.model).train()
     params = prunable(model)
     # The same fine-tuning randomness for every trial (as the harness's trials): they differ only in
@@ -358,10 +345,6 @@ def fine_tune_pruned(dense: Dense, amount: float, lr: float, epochs: int,
 
 def hand_loop(dense: Dense, seed: int, budget: int, epochs: int) -> Row:
     """TPE over (amount, lr) for ``budget`` runs; the sparsest run that met the goal on val."""
-    import optuna
-
-    from harness.training import evaluate
-
     device = next(dense.model.parameters()).device
     max_drop = dense.cfg.goal.max_drop
 
@@ -399,8 +382,6 @@ def check_pick(dense: Dense, row: Row, amount: float, lr: float, epochs: int, se
     """The hand loop's answer re-run (outside its budget and its wall time) with ``seeds`` more fine-tuning
     seeds, the ones after the search's own as in the sweep's confirmations; ``row`` with the means of all
     its runs (its own first). Nothing is searched further whatever the means show."""
-    from harness.training import evaluate
-
     device = next(dense.model.parameters()).device
     base = base_finetune_seed(dense)
     vals, tests = [row.val_accuracy], [row.test_accuracy]
@@ -428,8 +409,6 @@ def check_pick(dense: Dense, row: Row, amount: float, lr: float, epochs: int, se
 
 def grid(dense: Dense, outputs: Path, recipe: str, overrides: dict[str, str], sparsities: Sequence[float]) -> Row:
     """``prune.scope=global`` at each target sparsity with ``recipe``; the highest that met the goal on val."""
-    from harness import runner
-
     fixed = [f"{k}={v}" for k, v in overrides.items()]
     runs: dict[float, Any] = {}
     start = time.perf_counter()

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from harness.config import Config, TrackingBackend
+from harness.config import Config, TrackingBackend, config_dict
 from harness.errors import ConfigError
 from harness.pruning import MaskUpdate
+from harness.tracking import tracking_uri
 from harness.training import EpochResult, LoopState
 
 FILENAME = "checkpoint.pt"
@@ -39,8 +40,6 @@ class Checkpoint:
 
 def save(run_dir: Path, cfg: Config, loop: LoopState, pruning: dict[str, Any], updates: list[MaskUpdate],
          run_id: str | None) -> Path:
-    from harness.runner import config_dict
-
     path = run_dir / FILENAME
     tmp = path.with_suffix(".tmp")
     torch.save({"version": _VERSION, "config": config_dict(cfg), "loop": asdict(loop), "pruning": pruning,
@@ -80,9 +79,7 @@ def _locate(where: str, cfg: Config) -> Path:
 
 
 def _from_mlflow_run(run_id: str, cfg: Config) -> Path | None:
-    from mlflow.tracking import MlflowClient
-
-    from harness.tracking import tracking_uri
+    from mlflow.tracking import MlflowClient  # seconds to import; only when resuming by run id
 
     try:
         run = MlflowClient(tracking_uri=tracking_uri(cfg.tracking, Path(cfg.outputs_dir))).get_run(run_id)

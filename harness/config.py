@@ -8,11 +8,12 @@ and cross-field checks live in ``__post_init__`` and run once, when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import asdict, dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -254,43 +255,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("nm_sparsity", lambda n, m: 1.0 - int(n) / int(m))
 
 
-def apply_lpot_file(cfg: DictConfig, command_line: list[str]) -> DictConfig:
-    """Merge an LPOT YAML (``lpot=path``) into the composed config; command-line values still win.
-
-    Prints what was mapped and, by name, everything in the file that was not used.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from harness.lpot_config import migrate_lpot
-
-    if not Path(cfg.lpot).is_file():
-        raise ConfigError(f"lpot={cfg.lpot}: no such file")
-    try:
-        migration = migrate_lpot(cfg.lpot)
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"lpot={cfg.lpot}: {str(err).splitlines()[0]}") from None
-    # Fields LPOT never had (typos) and foreign tags are mistakes, not migration notes.
-    mistakes = [line for line in migration.unmapped if "unknown LPOT field" in line or "YAML tag" in line]
-    if mistakes:
-        raise ConfigError(f"lpot={cfg.lpot}: {mistakes[0].removesuffix('; not used')}")
-    merged = OmegaConf.merge(cfg, migration.values)
-    for override in OverridesParser.create().parse_overrides(command_line):
-        key = override.key_or_group
-        if key == "lpot" or override.is_delete() or isinstance(OmegaConf.select(merged, key), DictConfig):
-            continue  # group choices were applied while composing
-        OmegaConf.update(merged, key, override.value(), merge=False)
-    print(f"LPOT config {cfg.lpot}: {len(migration.used)} fields mapped, {len(migration.unmapped)} not used")
-    for line in migration.used:
-        print(f"  used:     {line}")
-    for line in migration.unmapped:
-        print(f"  not used: {line}")
-    return merged  # type: ignore[return-value]
-
-
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The typed config for ``overrides``, composed exactly as the command line does (benchmarks, tests)."""
-    from hydra import compose, initialize_config_dir
-
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_config(compose(config_name="config", overrides=list(overrides)))
@@ -299,3 +265,17 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 def to_config(cfg: DictConfig) -> Config:
     """Turn the composed config into typed objects, running every range check once."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The composed config as plain data (enums as their names), for params, config.yaml and checkpoints."""
+    return plain(asdict(cfg))
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every enum replaced by its name, in nested dicts, lists and tuples (as lists)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value.value if isinstance(value, Enum) else value

@@ -1,5 +1,6 @@
 """LPOT YAML -> harness config values, for ``python -m harness lpot=path/to/conf.yaml``.
 
+:func:`apply_lpot_file` merges such a file into the composed config (the entry point calls it);
 :func:`migrate_lpot` reads an LPOT / Intel Neural Compressor 1.x config and returns the values
 to merge into the composed harness config (explicit command-line overrides still win), with
 one ``used`` line per LPOT field it mapped and one ``unmapped`` line, with the reason, per field
@@ -22,11 +23,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
-from harness.config import PruneConfig, TrainConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import PruneConfig, TrainConfig, plain
+from harness.errors import ConfigError
 from harness.pruning.lpot import (
     WEIGHT_COMPRESSION,
     LpotTrain,
@@ -92,6 +96,35 @@ class _Draft:
         self.unmapped.append(f"{lpot_key}: {reason}")
 
 
+def apply_lpot_file(cfg: DictConfig, command_line: list[str]) -> DictConfig:
+    """Merge an LPOT YAML (``lpot=path``) into the composed config; command-line values still win.
+
+    Prints what was mapped and, by name, everything in the file that was not used.
+    """
+    if not Path(cfg.lpot).is_file():
+        raise ConfigError(f"lpot={cfg.lpot}: no such file")
+    try:
+        migration = migrate_lpot(cfg.lpot)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"lpot={cfg.lpot}: {str(err).splitlines()[0]}") from None
+    # Fields LPOT never had (typos) and foreign tags are mistakes, not migration notes.
+    mistakes = [line for line in migration.unmapped if "unknown LPOT field" in line or "YAML tag" in line]
+    if mistakes:
+        raise ConfigError(f"lpot={cfg.lpot}: {mistakes[0].removesuffix('; not used')}")
+    merged = OmegaConf.merge(cfg, migration.values)
+    for override in OverridesParser.create().parse_overrides(command_line):
+        key = override.key_or_group
+        if key == "lpot" or override.is_delete() or isinstance(OmegaConf.select(merged, key), DictConfig):
+            continue  # group choices were applied while composing
+        OmegaConf.update(merged, key, override.value(), merge=False)
+    print(f"LPOT config {cfg.lpot}: {len(migration.used)} fields mapped, {len(migration.unmapped)} not used")
+    for line in migration.used:
+        print(f"  used:     {line}")
+    for line in migration.unmapped:
+        print(f"  not used: {line}")
+    return merged  # type: ignore[return-value]
+
+
 def migrate_lpot(path: str | os.PathLike[str]) -> LpotMigration:
     """Map an LPOT YAML file to harness config values.
 
@@ -151,7 +184,7 @@ def _map_prune(spec: PruningSpec, wc: Mapping[str, Any], shift: int, draft: _Dra
         draft.set("pruning", "prune.enabled", True, "the file has a pruning section")
     given = {key for key, value in wc.items() if value is not None}
     for lpot_key, name in _PRUNE_FIELDS.items():
-        value = _plain(getattr(spec, name))
+        value = plain(getattr(spec, name))
         if lpot_key in given:
             draft.set(f"{WEIGHT_COMPRESSION}.{lpot_key}", f"prune.{name}", value)
         elif lpot_key == "update_frequency" and "frequency" in given:
@@ -184,7 +217,7 @@ def _map_prune(spec: PruningSpec, wc: Mapping[str, Any], shift: int, draft: _Dra
 
 def _pruner_values(pruner: PrunerSpec) -> dict[str, Any]:
     """A pruner's own fields (None inherits, so it is left out), as plain values."""
-    return {f.name: _plain(getattr(pruner, f.name)) for f in dataclasses.fields(pruner)
+    return {f.name: plain(getattr(pruner, f.name)) for f in dataclasses.fields(pruner)
             if getattr(pruner, f.name) is not None}
 
 
@@ -410,17 +443,9 @@ def _key(line: str) -> str:
     return line.partition(": ")[0]
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _fmt(value: Any) -> str:
     """A value as one would type it on the command line."""
-    value = _plain(value)
+    value = plain(value)
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.locking import file_lock, process_alive
 
 DIED = "the process running this run died (found RUNNING at a later start)"
 
@@ -213,8 +214,6 @@ class _Store:
 
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        from harness.locking import file_lock
-
         os.chdir(cwd)  # a relative store or artifact path means the training process's folder
         # Two processes creating one SQLite store (or one experiment) at once race; take turns.
         lock = file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")) if uri.startswith("sqlite:///") \
@@ -241,8 +240,6 @@ class _Store:
         """End as FAILED the RUNNING runs whose process on this machine is gone (a SIGKILL of both
         processes, a power cut)."""
         from mlflow.entities import ViewType
-
-        from harness.locking import process_alive
 
         client = self.client(uri)
         host = socket.gethostname()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import metrics as m
 from harness.goal import Verdict
 from harness.pruning import MaskUpdate, PlannedUpdate, Pruning, TensorSparsity, overall_sparsity
 from harness.training import EpochResult
@@ -39,8 +42,8 @@ def format_summary(
     lines += [
         "",
         f"{'':<8}{'val':>10}{'test':>10}",
-        f"{'dense':<8}{accuracy['baseline/accuracy']:>10.4f}{accuracy['baseline/test_accuracy']:>10.4f}",
-        f"{'pruned':<8}{accuracy['final/accuracy']:>10.4f}{accuracy['final/test_accuracy']:>10.4f}",
+        f"{'dense':<8}{accuracy[m.BASELINE_ACCURACY]:>10.4f}{accuracy[m.BASELINE_TEST_ACCURACY]:>10.4f}",
+        f"{'pruned':<8}{accuracy[m.FINAL_ACCURACY]:>10.4f}{accuracy[m.FINAL_TEST_ACCURACY]:>10.4f}",
         "",
         baseline_note,
     ]
@@ -54,11 +57,11 @@ def format_summary(
 
 def format_deployment(metrics: dict[str, float]) -> str:
     """One line: what the pruned model costs against the dense one, as measured."""
-    return (f"deploy (batch of the test split): {metrics['latency/pruned_ms']:.3f} ms vs "
-            f"{metrics['latency/dense_ms']:.3f} ms dense (speedup {metrics['speedup']:.2f}x); "
-            f"compressed checkpoint {metrics['size/compressed_bytes'] / 1e6:.2f} MB vs "
-            f"{metrics['size/dense_bytes'] / 1e6:.2f} MB; non-zero MACs "
-            f"{metrics['macs/nonzero'] / max(1.0, metrics['macs/dense']):.1%} of dense")
+    return (f"deploy (batch of the test split): {metrics[m.LATENCY_PRUNED_MS]:.3f} ms vs "
+            f"{metrics[m.LATENCY_DENSE_MS]:.3f} ms dense (speedup {metrics[m.SPEEDUP]:.2f}x); "
+            f"compressed checkpoint {metrics[m.SIZE_COMPRESSED_BYTES] / 1e6:.2f} MB vs "
+            f"{metrics[m.SIZE_DENSE_BYTES] / 1e6:.2f} MB; non-zero MACs "
+            f"{metrics[m.MACS_NONZERO] / max(1.0, metrics[m.MACS_DENSE]):.1%} of dense")
 
 
 def format_plan(pruning: Pruning, planned: Sequence[PlannedUpdate]) -> str:
@@ -97,10 +100,10 @@ def plot_curves(updates: Sequence[MaskUpdate], history: Sequence[EpochResult], p
 
     fig, (ax, per_tensor) = plt.subplots(1, 2, figsize=(12, 4.2))
     steps = [u.global_step for u in updates]
-    ax.step(steps, [u.target for u in updates], where="post", label="sparsity/target")
-    ax.plot(steps, [u.overall for u in updates], "o", ms=3, label="sparsity/overall (counted)")
+    ax.step(steps, [u.target for u in updates], where="post", label=m.SPARSITY_TARGET)
+    ax.plot(steps, [u.overall for u in updates], "o", ms=3, label=f"{m.SPARSITY_OVERALL} (counted)")
     ax.plot([h.global_step for h in history], [h.val_accuracy for h in history], "-s", ms=3,
-            label="val/accuracy")
+            label=m.VAL_ACCURACY)
     ax.set_title("Pruning schedule and accuracy")
     for name in updates[-1].sparsity if updates else []:
         per_tensor.step(steps, [u.sparsity[name] for u in updates], where="post", label=name)
@@ -119,17 +122,14 @@ def write_summary_html(path: Path, title: str, rows: Sequence[TensorSparsity], m
                        verdict: Verdict | None, notes: Sequence[str], config_yaml: str, plot: Path | None) -> None:
     """The run on one page: verdict, accuracies (val and test), per-layer table, curves, deployment
     numbers and the config, self-contained (the plot is embedded)."""
-    import base64
-    import html
-
     def table(header: Sequence[str], body: Sequence[Sequence[object]]) -> str:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
         return f"<table><tr>{head}</tr>{rows_html}</table>"
 
     accuracy = table(["", "val", "test"], [
-        ["dense", f"{metrics['baseline/accuracy']:.4f}", f"{metrics['baseline/test_accuracy']:.4f}"],
-        ["pruned", f"{metrics['final/accuracy']:.4f}", f"{metrics['final/test_accuracy']:.4f}"]])
+        ["dense", f"{metrics[m.BASELINE_ACCURACY]:.4f}", f"{metrics[m.BASELINE_TEST_ACCURACY]:.4f}"],
+        ["pruned", f"{metrics[m.FINAL_ACCURACY]:.4f}", f"{metrics[m.FINAL_TEST_ACCURACY]:.4f}"]])
     layers = table(["tensor", "shape", "parameters", "zeros", "sparsity"],
                    [[r.name, _shape(r), f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}"] for r in rows]
                    + [["overall", "", f"{sum(r.numel for r in rows):,}", f"{sum(r.zeros for r in rows):,}",

@@ -8,16 +8,19 @@ runs can live in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from harness.config import TrackingBackend, TrackingConfig
-from harness.errors import ConfigError
+from harness.errors import ConfigError, RunStopped
 from harness.mlflow_writer import writer
 
 _BATCH_METRICS = 1000  # MLflow's limit per log_batch call
@@ -148,6 +151,25 @@ class MlflowTracker(Tracker):
                 f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
 
 
+@contextlib.contextmanager
+def finished_or_failed(tracker: Tracker) -> Iterator[None]:
+    """End the tracked run as FINISHED, FAILED (with the error as a tag) or KILLED; never RUNNING."""
+    try:
+        yield
+    except (KeyboardInterrupt, RunStopped) as err:
+        if isinstance(err, RunStopped):
+            with contextlib.suppress(Exception):
+                tracker.set_tags({"harness.stopped": str(err)})
+        tracker.finish("KILLED")
+        raise
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
 def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
                  tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> Tracker:
     if cfg.backend == TrackingBackend.none:
@@ -165,9 +187,6 @@ def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
 def _check_server(uri: str, key: str) -> None:
     """Fail in seconds, before any training, when no tracking server answers (MLflow's own client
     retries for minutes)."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
             response.read()

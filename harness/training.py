@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from harness.config import LrSchedule, Optimizer, TrainConfig
 from harness.errors import HarnessError, Interrupted
+from harness.metrics import TRAIN_LOSS, VAL_ACCURACY
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,13 @@ class EpochResult:
     train_loss: float
     val_accuracy: float
     global_step: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: a model's initial weights and any RNG use follow."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,18 +197,18 @@ def fit(
                 global_step += 1
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
-                    raise Diverged(f"train/loss={loss_value} at epoch {epoch} step {step} (global step "
+                    raise Diverged(f"{TRAIN_LOSS}={loss_value} at epoch {epoch} step {step} (global step "
                                    f"{global_step}): lower the learning rate ({lr}) or check the data")
                 loss_sum += loss.detach()
                 if log_metrics is not None:
-                    log_metrics({"train/loss": loss_value}, global_step)
+                    log_metrics({TRAIN_LOSS: loss_value}, global_step)
                 bar.update()
             hooks("on_epoch_end")
             val_accuracy = evaluate(model, val_loader, device)
             result = EpochResult(epoch, float(loss_sum) / max(1, len(train_loader)), val_accuracy, global_step)
             history.append(result)
             if log_metrics is not None:
-                log_metrics({"val/accuracy": val_accuracy}, global_step)
+                log_metrics({VAL_ACCURACY: val_accuracy}, global_step)
             bar.set_postfix(loss=f"{result.train_loss:.4f}", val=f"{val_accuracy:.4f}")
             log.info("%s epoch %d/%d  loss %.4f  val accuracy %.4f", desc, epoch + 1, epochs,
                      result.train_loss, val_accuracy)

@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness import mlflow_writer, runner
+from harness import mlflow_writer, tracking
 from harness.mlflow_writer import TrackingError
 from harness.tracking import MlflowTracker
 
@@ -63,7 +63,7 @@ def test_a_resumed_run_belongs_to_the_resuming_process_and_is_not_closed_as_an_o
 def test_a_failed_write_reaches_the_training_process_and_the_run_ends_failed(sqlite_uri):
     tracker = MlflowTracker(sqlite_uri, "pruning")
     with pytest.raises(TrackingError, match=r"MLflow log_batch failed: .*prune\.target_sparsity"), \
-            runner.finished_or_failed(tracker):
+            tracking.finished_or_failed(tracker):
         tracker.log_params({"prune.target_sparsity": 0.9})
         tracker.flush()
         tracker.log_params({"prune.target_sparsity": 0.5})  # MLflow refuses to change a param
@@ -82,7 +82,7 @@ def test_a_store_that_cannot_open_the_run_stops_training_at_its_first_step(tmp_p
 
     def train() -> None:
         tracker = MlflowTracker(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}", "pruning")  # may raise here
-        with runner.finished_or_failed(tracker):
+        with tracking.finished_or_failed(tracker):
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # one training step after another
                 tracker.log_metrics({"train/loss": 1.0}, 1)

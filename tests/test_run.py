@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness import runner
+from harness import runner, tracking
 from harness.baseline import baseline_key, load_or_train
 from harness.tracking import MlflowTracker
 
@@ -131,7 +131,7 @@ def test_dense_only_run_without_tracking(tmp_path):
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_ends_by_an_exception_is_never_left_running(tmp_path, sqlite_uri, error, status):
     tracker = MlflowTracker(sqlite_uri, "pruning")
-    with pytest.raises(type(error)), runner.finished_or_failed(tracker):
+    with pytest.raises(type(error)), tracking.finished_or_failed(tracker):
         tracker.log_metrics({"train/loss": 1.0}, 1)
         raise error
     run = MlflowClient(tracking_uri=sqlite_uri).get_run(tracker.run_id)

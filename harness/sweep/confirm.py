@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig
 from harness.goal import Verdict, judge
+from harness.metrics import BASELINE_ACCURACY, FINAL_ACCURACY, FINAL_SPARSITY, FINAL_TEST_ACCURACY
 from harness.sweep.pruners import is_feasible
 from harness.sweep.trial import confirmation_attr
 
@@ -85,7 +86,7 @@ def feasible_candidates(study: optuna.Study) -> list[FrozenTrial]:
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.values and is_feasible(t)]
-    return sorted(trials, key=lambda t: (sign * t.values[0], -_metric(t, "final/accuracy"), t.number))
+    return sorted(trials, key=lambda t: (sign * t.values[0], -_metric(t, FINAL_ACCURACY), t.number))
 
 
 def confirm(study: optuna.Study, settings: ConfirmSettings, goal: GoalConfig,
@@ -107,8 +108,8 @@ def confirm(study: optuna.Study, settings: ConfirmSettings, goal: GoalConfig,
 def _confirm_one(study: optuna.Study, trial: FrozenTrial, seeds: int, goal: GoalConfig, original_seed: int,
                  run_confirmation: RunConfirmation) -> Candidate:
     metrics = trial.user_attrs.get("metrics", {})
-    runs = [ConfirmRun(original_seed, metrics.get("final/accuracy"), metrics.get("final/test_accuracy"),
-                       metrics.get("final/sparsity"), trial.user_attrs.get("mlflow_run_id"), original=True)]
+    runs = [ConfirmRun(original_seed, metrics.get(FINAL_ACCURACY), metrics.get(FINAL_TEST_ACCURACY),
+                       metrics.get(FINAL_SPARSITY), trial.user_attrs.get("mlflow_run_id"), original=True)]
     for seed in range(original_seed + 1, original_seed + 1 + seeds):
         key = confirmation_attr(trial.number, seed)
         stored = study.user_attrs.get(key)
@@ -117,15 +118,15 @@ def _confirm_one(study: optuna.Study, trial: FrozenTrial, seeds: int, goal: Goal
             if outcome.stop is not None:
                 raise outcome.stop  # interrupted: not done, the same command runs it again
             stored = ({"error": outcome.error or "stopped"} if outcome.metrics is None
-                      else {k: outcome.metrics.get(k) for k in ("final/accuracy", "final/test_accuracy",
-                                                                "final/sparsity")})
+                      else {k: outcome.metrics.get(k) for k in (FINAL_ACCURACY, FINAL_TEST_ACCURACY,
+                                                                FINAL_SPARSITY)})
             study.set_user_attr(key, stored)
         run_id = study.user_attrs.get(f"{key}:run")
-        runs.append(ConfirmRun(seed, stored.get("final/accuracy"), stored.get("final/test_accuracy"),
-                               stored.get("final/sparsity"), run_id, error=stored.get("error")))
+        runs.append(ConfirmRun(seed, stored.get(FINAL_ACCURACY), stored.get(FINAL_TEST_ACCURACY),
+                               stored.get(FINAL_SPARSITY), run_id, error=stored.get("error")))
     candidate = Candidate(trial, runs)
     mean_val = candidate.mean("val_accuracy")
-    baseline = metrics.get("baseline/accuracy")
+    baseline = metrics.get(BASELINE_ACCURACY)
     if mean_val is not None and baseline is not None:
         candidate.verdict = judge(goal, baseline, mean_val)
     return candidate

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import Interrupted
+from harness.metrics import FINAL_ACCURACY, GOAL_EXCESS_DROP
 from harness.sweep.space import SearchSpace
 from harness.sweep.study import (
     FINISHED,
@@ -149,8 +150,8 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, sett
         return
     metrics = outcome.metrics
     trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
-    if settings.goal_constraint and "goal/excess_drop" in metrics:
-        trial.set_constraint("accuracy_goal", metrics["goal/excess_drop"])
+    if settings.goal_constraint and GOAL_EXCESS_DROP in metrics:
+        trial.set_constraint("accuracy_goal", metrics[GOAL_EXCESS_DROP])
     missing = [name for name in settings.objectives if name not in metrics]
     if missing:
         trial.set_user_attr("error", f"the run returned no {missing[0]!r}")
@@ -159,7 +160,7 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, sett
     values = [float(metrics[name]) for name in settings.objectives]
     study.tell(trial, values if len(values) > 1 else values[0])
     log.info("trial %d: %s", trial.number,
-             ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, "final/accuracy") if k in metrics))
+             ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, FINAL_ACCURACY) if k in metrics))
 
 
 def describe_outcome(value: Any, output_dir: str | None = None) -> Outcome:

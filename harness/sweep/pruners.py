@@ -25,7 +25,8 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-SPARSITY = "final/sparsity"
+from harness.metrics import FINAL_SPARSITY
+
 RECOVERY_FACTOR = 2.0  # a trial may recover twice the most any finished trial did (deeper dips recover more)
 
 
@@ -42,7 +43,7 @@ class GoalPruner(optuna.pruners.BasePruner):
             useful candidates for confirmation).
     """
 
-    def __init__(self, objective: str = SPARSITY, recovery_margin: float = 0.02, min_finished: int = 3,
+    def __init__(self, objective: str = FINAL_SPARSITY, recovery_margin: float = 0.02, min_finished: int = 3,
                  tolerance: float = 1e-3) -> None:
         self.objective = objective
         self.recovery_margin = recovery_margin
@@ -58,7 +59,7 @@ class GoalPruner(optuna.pruners.BasePruner):
 
     def cannot_beat_best(self, study: optuna.Study, plan: dict) -> bool:
         ceiling = plan.get("sparsity_ceiling")
-        if ceiling is None or self.objective != SPARSITY or study.direction != StudyDirection.MAXIMIZE:
+        if ceiling is None or self.objective != FINAL_SPARSITY or study.direction != StudyDirection.MAXIMIZE:
             return False
         best = best_feasible_value(study)
         return best is not None and ceiling < best - self.tolerance

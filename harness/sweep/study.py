@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from harness.errors import ConfigError
 from harness.locking import file_lock, process_alive
+from harness.metrics import FINAL_SPARSITY
 from harness.sweep.pruners import GoalPruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -60,7 +61,7 @@ def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
     name = settings.get("name", "goal")
     n_startup_trials, n_warmup_steps = int(settings.get("n_startup_trials", 5)), int(settings.get("n_warmup_steps", 2))
     if name == "goal":
-        return GoalPruner(objective=settings.get("objective", "final/sparsity"),
+        return GoalPruner(objective=settings.get("objective", FINAL_SPARSITY),
                           recovery_margin=float(settings.get("recovery_margin", 0.02)),
                           min_finished=n_startup_trials)
     if name == "median":

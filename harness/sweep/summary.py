@@ -14,6 +14,13 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, GoalCriterion
+from harness.metrics import (
+    BASELINE_ACCURACY,
+    BASELINE_TEST_ACCURACY,
+    FINAL_ACCURACY,
+    FINAL_SPARSITY,
+    FINAL_TEST_ACCURACY,
+)
 from harness.sweep.command import trial_command
 from harness.sweep.confirm import Candidate
 from harness.sweep.identity import StudyIdentity
@@ -64,11 +71,11 @@ def write_results(path: Path, study: optuna.Study, chosen: list[Chosen], identit
     the confirmation runs and the command for each recommended trial."""
     def entry(c: Chosen) -> dict[str, Any]:
         item = {"number": c.number, "params": c.params, "values": c.values,
-                "sparsity": c.metrics.get("final/sparsity"),
-                "val_accuracy": c.metrics.get("final/accuracy"),
-                "test_accuracy": c.metrics.get("final/test_accuracy"),
-                "baseline_val_accuracy": c.metrics.get("baseline/accuracy"),
-                "baseline_test_accuracy": c.metrics.get("baseline/test_accuracy")}
+                "sparsity": c.metrics.get(FINAL_SPARSITY),
+                "val_accuracy": c.metrics.get(FINAL_ACCURACY),
+                "test_accuracy": c.metrics.get(FINAL_TEST_ACCURACY),
+                "baseline_val_accuracy": c.metrics.get(BASELINE_ACCURACY),
+                "baseline_test_accuracy": c.metrics.get(BASELINE_TEST_ACCURACY)}
         if c.confirmation is not None:
             item["confirmed"] = c.confirmation.summary()
         return item | {"command": c.command}
@@ -137,16 +144,16 @@ def _plot_frontier(plt: Any, study: optuna.Study, complete: list[FrozenTrial], c
     missed = [t for t in complete if t not in feasible]
     for trials, style, label in ((feasible, "o", "meets the goal"), (missed, "x", "misses the goal")):
         if trials:
-            ax.plot([_metric(t, "final/sparsity") for t in trials], [_metric(t, "final/accuracy") for t in trials],
+            ax.plot([_metric(t, FINAL_SPARSITY) for t in trials], [_metric(t, FINAL_ACCURACY) for t in trials],
                     style, label=label, alpha=0.8)
-    baselines = [_metric(t, "baseline/accuracy") for t in complete]
+    baselines = [_metric(t, BASELINE_ACCURACY) for t in complete]
     if goal is not None and baselines:
         base = max(baselines)
         relative = goal.criterion == GoalCriterion.relative
         ax.axhline(base * (1 - goal.max_drop) if relative else base - goal.max_drop, color="gray", ls="--",
                    label=f"accuracy goal ({'relative' if relative else 'absolute'} drop {goal.max_drop:g})")
         ax.axhline(base, color="gray", ls=":", label="dense baseline")
-    front = sorted((c.metrics.get("final/sparsity", 0.0), c.metrics.get("final/accuracy", 0.0)) for c in chosen)
+    front = sorted((c.metrics.get(FINAL_SPARSITY, 0.0), c.metrics.get(FINAL_ACCURACY, 0.0)) for c in chosen)
     if front:
         ax.plot(*zip(*front, strict=True), "-*", color="crimson", ms=10,
                 label="Pareto front" if len(study.directions) > 1 else "best trial")

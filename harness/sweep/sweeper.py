@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, TrackingConfig
 from harness.errors import ConfigError, HarnessError
+from harness.metrics import BEST_PREFIX, CONFIRMED_PREFIX
 from harness.sweep.command import Compose, job_config, run_overrides
 from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
@@ -32,7 +33,7 @@ from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
 from harness.sweep.space import SearchSpace, encode_value, parse_search_space
 from harness.sweep.study import PRUNER_ATTR, default_storage, failed_trials, make_storage, study_lock
 from harness.sweep.summary import describe, plot_all, write_confirmations_csv, write_results
-from harness.tracking import MlflowTracker, Tracker, make_tracker
+from harness.tracking import MlflowTracker, Tracker, finished_or_failed, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,6 @@ def _failure(study: optuna.Study, settings: SweepSettings, stopped: bool) -> str
 
 
 def _check_settings(settings: SweepSettings) -> None:
-    from harness.errors import ConfigError
-
     if len(settings.objectives) != len(settings.directions):
         raise ConfigError(f"hydra.sweeper.directions={settings.directions}: give one direction per objective "
                           f"(objectives={settings.objectives})")
@@ -253,8 +252,6 @@ def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: 
 
 @contextlib.contextmanager
 def _closing(tracker: Tracker | None) -> Iterator[None]:
-    from harness.runner import finished_or_failed
-
     if tracker is None:
         yield
         return
@@ -289,9 +286,9 @@ def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir:
         parent.log_artifact(path)
     if chosen:
         top = chosen[0]
-        parent.log_metrics({f"best/{k}": v for k, v in top.metrics.items()})
+        parent.log_metrics({f"{BEST_PREFIX}{k}": v for k, v in top.metrics.items()})
         if best is not None:
-            parent.log_metrics({f"best/confirmed/{k}": v for k, v in best.summary().items()
+            parent.log_metrics({f"{CONFIRMED_PREFIX}{k}": v for k, v in best.summary().items()
                                 if isinstance(v, float)})
         parent.set_tags({"best.trial_number": str(top.number), "best.command": top.command[:5000],
                          "best.mlflow_run_id": top.mlflow_run_id or ""})

@@ -16,6 +16,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from harness.metrics import FINAL_SPARSITY
+
 
 @dataclass
 class SamplerConf:
@@ -47,7 +49,7 @@ class HarnessSweeperConf:
     storage: str | None = None  # default: sqlite:///<outputs_dir>/optuna.db
     n_trials: int = 20  # trials to finish in total (COMPLETE or PRUNED), across restarts and workers
     n_jobs: int = 1  # worker processes on this machine
-    objectives: list[str] = field(default_factory=lambda: ["final/sparsity"])
+    objectives: list[str] = field(default_factory=lambda: [FINAL_SPARSITY])
     directions: list[str] = field(default_factory=lambda: ["maximize"])
     goal_constraint: bool = True  # a trial that misses the accuracy goal (on val) is infeasible
     sampler: SamplerConf = field(default_factory=SamplerConf)
