@@ -68,6 +68,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="harness_optuna", node=
 
 class HarnessSweeper(Sweeper):
     def __init__(self, **options: Any) -> None:
+        # Hydra imports this plugin at every start, sweep or not: Optuna loads only when a sweep runs.
         from harness.sweep.sweeper import SweeperOptions
 
         options.pop("_target_", None)
@@ -86,6 +87,7 @@ class HarnessSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> None:
+        # late, as in __init__: Optuna loads only when a sweep runs
         from harness.sweep.loop import describe_outcome
         from harness.sweep.sweeper import run_sweep
 
