@@ -142,7 +142,7 @@ def test_gradients_are_masked_in_backward_while_training_only():
 def test_the_check_tells_a_moved_pruned_weight_from_a_nan_kept_one():
     """The check after a mask update compares ``w * mask`` with ``w``; a kept NaN (NaN != NaN)
     makes them differ too, but only a pruned weight that is not 0 counts as moved."""
-    from harness.pruning.pruning import _pruned_moved
+    from harness.pruning.optimizer_state import _pruned_moved
 
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
     scratch = torch.empty(4)

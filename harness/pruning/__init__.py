@@ -17,13 +17,13 @@ _EXPORTS = {
     "ChannelNorm": "spec",
     "Scope": "spec",
     "MaskUpdate": "pruning",
-    "PlannedUpdate": "pruning",
-    "select_tensors": "pruning",
+    "PlannedUpdate": "clock",
+    "select_tensors": "selection",
     "Pruning": "pruning",
-    "TensorSparsity": "pruning",
-    "count_sparsity": "pruning",
-    "overall_sparsity": "pruning",
-    "prunable_weights": "pruning",
+    "TensorSparsity": "counting",
+    "count_sparsity": "counting",
+    "overall_sparsity": "counting",
+    "prunable_weights": "selection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -40,8 +40,8 @@ from .spec import PER_TENSOR, Criterion, PrunerSpec, PruningSpec, Schedule
 if TYPE_CHECKING:
     from torch import nn
 
+    from .counting import TensorSparsity
     from .pruning import Pruning as Engine
-    from .pruning import TensorSparsity
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ A pattern says which weights are pruned together (its *units*: one weight, a blo
 output channel) and how a unit is scored from the scores of its weights. The selection is
 shared: rank the units, lowest first, and prune until the sparsity is reached, either per
 tensor (``MaskPattern.mask``) or over several tensors at once (``select_global``).
+The engine updates its masks through ``update_mask`` (per tensor) and ``update_masks`` (global);
+``Unstructured`` gives both a faster path that scores and ranks in the engine's reusable buffer.
 
 Masks only shrink: a unit already fully pruned ranks below every live unit and is never
 revived, whatever its score now. Masks have the parameter's shape and the dtype of the
@@ -27,6 +29,8 @@ from typing import ClassVar
 
 import torch
 
+from .criteria import Scorer
+from .scratch import Scratch
 from .spec import ChannelNorm, Pattern
 
 __all__ = [
@@ -153,6 +157,46 @@ class MaskPattern:
         )[""]
         return _into(self.expand(keep, scores.shape).to(_mask_dtype(current_mask)), out)
 
+    def update_mask(self, scorer: Scorer, name: str, param: torch.Tensor, mask: torch.Tensor, sparsity: float,
+                    scratch: Scratch) -> None:
+        """The engine's update of one tensor (per-tensor scope): ``mask`` rewritten in place.
+
+        Args:
+            scorer: scores ``param``.
+            name: the parameter's name, for the scorer.
+            param: the parameter.
+            mask: its mask in force, overwritten with the new one.
+            sparsity: the fraction of its weights to prune.
+            scratch: the engine's reusable buffer, for a pattern that scores and ranks in it.
+        """
+        self.mask(scorer.scores(name, param), sparsity, mask, out=mask)
+
+    def update_masks(self, scorer: Scorer, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                     sparsity: float, max_sparsity: float | None, scratch: Scratch) -> None:
+        """The engine's update of several tensors ranked together (global scope, ``select_global``).
+
+        Args:
+            scorer: scores the parameters.
+            params: the parameters, by name.
+            masks: their masks in force (by the same names; others are left alone), overwritten in place.
+            sparsity: the fraction of all their weights together to prune.
+            max_sparsity: a cap on each tensor's own sparsity, or ``None``.
+            scratch: the engine's reusable buffer, for a pattern that scores and ranks in it.
+        """
+        ranking_buffer, unit_scores = self._global_unit_scores(scorer, params, masks, scratch)
+        unit_sizes = {name: self.unit_sizes(param.shape) for name, param in params.items()}
+        current = {name: self.unit_keep(masks[name]) for name in params}
+        keep = select_global(unit_scores, unit_sizes, current, sparsity, max_sparsity, scratch=ranking_buffer)
+        for name, param in params.items():
+            masks[name].copy_(self.expand(keep[name], param.shape))
+
+    def _global_unit_scores(self, scorer: Scorer, params: Mapping[str, torch.Tensor],
+                            masks: Mapping[str, torch.Tensor],
+                            scratch: Scratch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Each tensor's unit scores for ``update_masks``, and the buffer ``select_global`` may rank
+        in (``None``: its own memory)."""
+        return None, {name: self.unit_scores(scorer.scores(name, param)) for name, param in params.items()}
+
     def __repr__(self) -> str:
         return type(self).__name__.lower()
 
@@ -206,6 +250,27 @@ class Unstructured(_OneWeightUnits):
         ranked.add_(keep.sub_(1.0))
         _keep_above_kth(ranked, pruned_count(ranked.numel(), sparsity), torch.float32, out=keep)
         return mask
+
+    def update_mask(self, scorer: Scorer, name: str, param: torch.Tensor, mask: torch.Tensor, sparsity: float,
+                    scratch: Scratch) -> None:
+        if mask.dtype != torch.float32:
+            super().update_mask(scorer, name, param, mask, sparsity, scratch)
+            return
+        # Scores straight into the engine's buffer, which then holds the ranking.
+        self.update_in_place(scorer.scores_into(name, param, scratch.like(param)), sparsity, mask)
+
+    def _global_unit_scores(self, scorer: Scorer, params: Mapping[str, torch.Tensor],
+                            masks: Mapping[str, torch.Tensor],
+                            scratch: Scratch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        targets = [masks[name] for name in params]
+        if not (all(m.dtype == torch.float32 for m in targets) and len({m.device for m in targets}) == 1):
+            return super()._global_unit_scores(scorer, params, masks, scratch)
+        # Scores straight into the second half of the engine's buffer, ranking into the first.
+        sizes = [param.numel() for param in params.values()]
+        buffer = scratch.get(2 * sum(sizes), targets[0].device)
+        score_areas = buffer[sum(sizes):].split(sizes)
+        return buffer, {name: scorer.scores_into(name, param, area.view(param.shape)).view(-1)
+                        for (name, param), area in zip(params.items(), score_areas, strict=True)}
 
 
 class NM(_OneWeightUnits):

@@ -32,12 +32,7 @@ The clock counts optimizer steps, not batches: with gradient accumulation call
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
-import functools
 import os
-import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,52 +41,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sparse_grads
+from .clock import Clock, PlannedUpdate, capped_sparsity, plan_updates
+from .counting import TensorSparsity, count_sparsity, overall_sparsity
 from .criteria import Scorer, make_scorer
-from .patterns import MaskPattern, Unstructured, make_pattern, select_global
-from .schedules import SCHEDULES
-from .spec import GLOBAL, Pattern, PruningSpec, ResolvedPruner, Schedule
-
-PRUNABLE_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every conv and linear weight, by parameter name (never biases or norm parameters)."""
-    found: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_MODULES) and isinstance(module.weight, nn.Parameter):
-            found[f"{module_name}.weight" if module_name else "weight"] = module.weight
-    return found
-
-
-@dataclass(frozen=True)
-class TensorSparsity:
-    """One tensor's sparsity, counted from its values (exact zeros)."""
-
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-
-def count_sparsity(model: nn.Module, names: list[str]) -> list[TensorSparsity]:
-    """Count exact zeros in the named parameters of ``model``."""
-    params = dict(model.named_parameters())
-    rows = []
-    for name in names:
-        t = params[name].detach()
-        # count_nonzero: several times faster than summing a bool ``t == 0`` (which widens it to int64)
-        rows.append(TensorSparsity(name, tuple(t.shape), t.numel(), t.numel() - int(torch.count_nonzero(t))))
-    return rows
-
-
-def overall_sparsity(rows: list[TensorSparsity]) -> float:
-    total = sum(r.numel for r in rows)
-    return sum(r.zeros for r in rows) / total if total else 0.0
+from .gradients import GradientMasking
+from .optimizer_state import MaskedOptimizer
+from .patterns import MaskPattern, make_pattern
+from .scratch import Scratch
+from .selection import claim, prunable_weights, select_tensors, skip_unfit
+from .spec import GLOBAL, PruningSpec, ResolvedPruner
 
 
 @dataclass(frozen=True)
@@ -106,31 +64,13 @@ class MaskUpdate:
     overall: float  # over all pruned tensors, counted from the weights
 
 
-@dataclass(frozen=True)
-class PlannedUpdate:
-    """One update of a dry run: when, and the sparsity each tensor is scheduled to reach."""
-
-    epoch: int
-    step: int
-    sparsity: dict[str, float]
-
-
-@dataclass
-class _Clock:
-    """Where one pruner stands in its schedule."""
-
-    updated: bool = False
-    last_position: int | None = None
-    scheduled: float = 0.0
-
-
 @dataclass
 class _Pruner:
     spec: ResolvedPruner
     names: list[str]
     scorer: Scorer
     pattern: MaskPattern
-    clock: _Clock
+    clock: Clock
 
 
 class Pruning:
@@ -168,12 +108,9 @@ class Pruning:
         self._explicit_steps = False  # on_before_optimizer_step is being called
         self._provisional_steps = 0  # batch ends counted as steps before the first explicit step
         self._step_pending = False
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._state_follows_masks = False  # the optimizer keeps pruned weights at 0 by itself
-        self._check_next_step = False  # verify that it did, after the next step
-        self._grad_hooks: list[Any] = []  # mask each gradient as backward accumulates it
-        self._buffer: torch.Tensor | None = None  # float32, reused by updates while training
-        self._kept_grads: dict[str, sparse_grads.KeptPattern] = {}  # weights on the kept-only gradient path
+        self._optimizer: MaskedOptimizer | None = None
+        self._gradients = GradientMasking(None, self.params, self.masks, spec.sparse_grads)
+        self._scratch = Scratch()  # reused by updates while training
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -196,9 +133,8 @@ class Pruning:
             what = (f"update_frequency_steps={p.update_frequency_steps}" if p.update_frequency_steps
                     else f"update_frequency={p.update_frequency} (a fraction of an epoch)")
             raise ValueError(f"{what}: pass attach(model, steps_per_epoch=len(train_loader))")
-        self._remove_grad_hooks()
+        self._gradients.remove()
         named = dict(model.named_parameters())
-        self._model_params = named
         self.skipped = {}
         default = list(prunable_weights(model))
         owner: dict[str, int] = {}
@@ -208,17 +144,9 @@ class Pruning:
             names = select_tensors(spec.names, spec.exclude, named, default, prefix)
             pattern = make_pattern(spec.pattern, spec.n, spec.m, spec.block_shape, spec.channel_norm)
             if spec.names is None:  # the default selection skips, and reports, what the pattern cannot take
-                names = self._skip_unfit(names, pattern, spec, default)
-            for name in names:
-                if name in owner:
-                    raise ValueError(f"{prefix}names: {name!r} is already pruned by pruners[{owner[name]}]; "
-                                     "each tensor belongs to one pruner")
-                owner[name] = i
-                try:
-                    pattern.check(name, named[name].shape)
-                except ValueError as err:
-                    raise ValueError(f"{prefix}{err}") from None
-            pruners.append(_Pruner(spec, names, make_scorer(spec.criterion, spec.seed), pattern, _Clock()))
+                names = skip_unfit(names, pattern, spec.pattern, named, default, self.skipped)
+            claim(names, i, pattern, named, owner, prefix)
+            pruners.append(_Pruner(spec, names, make_scorer(spec.criterion, spec.seed), pattern, Clock()))
         self.model = model
         self.steps_per_epoch = steps_per_epoch
         self.owners = owner  # tensor name -> index of its pruner in pruner_specs
@@ -226,6 +154,7 @@ class Pruning:
         self.params = {name: named[name] for p in pruners for name in p.names}
         self.masks = {name: torch.ones_like(t, memory_format=torch.contiguous_format).detach()
                       for name, t in self.params.items()}
+        self._gradients = GradientMasking(model, self.params, self.masks, self.spec.sparse_grads)
         if optimizer is not None:
             self.use_optimizer(optimizer)
         return self
@@ -245,34 +174,12 @@ class Pruning:
         self._require_attached()
         for hook in self._hooks:
             hook.remove()
-        self._optimizer = optimizer
-        self._state_follows_masks = _elementwise(optimizer)
-        self._check_next_step = self._state_follows_masks
-        _zero_pruned_state(optimizer, [(self.params[n], self.masks[n]) for n in self.masks])
+        self._optimizer = MaskedOptimizer(optimizer)
+        self._optimizer.masks_changed(self.params, self.masks, list(self.masks))
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._before_step()),
             optimizer.register_step_post_hook(lambda *_: self._after_step()),
         ]
-
-    def _skip_unfit(self, names: list[str], pattern: MaskPattern, spec: ResolvedPruner,
-                    default: list[str]) -> list[str]:
-        named = dict(self._model_params)
-        kept = []
-        for name in names:
-            if spec.pattern == Pattern.channel and default and name == default[-1]:
-                self.skipped[name] = "the output layer: removing its channels would remove classes"
-                continue
-            try:
-                pattern.check(name, named[name].shape)
-            except ValueError as err:
-                reason = str(err).split(": ", 1)[-1].removesuffix("; exclude it")
-                self.skipped[name] = reason.removeprefix(f"{name} ")
-                continue
-            kept.append(name)
-        if not kept:
-            raise ValueError(f"names: no tensor of the model can take pattern={spec.pattern.value} "
-                             f"({'; '.join(f'{k}: {v}' for k, v in self.skipped.items())})")
-        return kept
 
     def add_listener(self, listener: Callable[[MaskUpdate], None]) -> None:
         """Call ``listener(update)`` after every mask update."""
@@ -282,12 +189,12 @@ class Pruning:
 
     def on_train_begin(self) -> None:
         self._require_attached()
-        self._add_grad_hooks()
+        self._gradients.install()
 
     def on_epoch_begin(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self._epoch_start_step = self.global_step
-        self._add_grad_hooks()  # for loops that skip on_train_begin
+        self._gradients.install()  # for loops that skip on_train_begin
         self._update_due()
 
     def on_batch_begin(self, step: int = 0) -> None:
@@ -319,8 +226,8 @@ class Pruning:
         pass
 
     def on_train_end(self) -> None:
-        self._remove_grad_hooks()
-        self._buffer = None
+        self._gradients.remove()
+        self._scratch.release()
         self.apply_masks()
 
     # -- masks ----------------------------------------------------------------------------
@@ -341,23 +248,7 @@ class Pruning:
     def plan(self, epochs: int) -> list[PlannedUpdate]:
         """Dry run: the updates ``epochs`` epochs would make, without touching any weight."""
         self._require_attached()
-        spe = self.steps_per_epoch or 1
-        clocks = [_Clock() for _ in self._pruners]
-        planned = []
-        for epoch in range(epochs):
-            for step in range(spe):
-                due: dict[str, float] = {}
-                for pruner, clock in zip(self._pruners, clocks, strict=True):
-                    value = _due_sparsity(pruner.spec, clock, epoch, step, spe)
-                    if value is not None:
-                        cap = pruner.spec.max_sparsity
-                        if cap is not None and pruner.spec.scope != GLOBAL:
-                            value = min(value, cap)
-                        due |= dict.fromkeys(pruner.names, value)
-                        clock.updated, clock.last_position = True, _position(pruner.spec, epoch, step, spe)[0]
-                if due:
-                    planned.append(PlannedUpdate(epoch, step, due))
-        return planned
+        return plan_updates([(p.spec, p.names) for p in self._pruners], epochs, self.steps_per_epoch or 1)
 
     def finalize(self) -> nn.Module:
         """Bake the masks into the weights and hand back the plain model (its own parameters, no hooks).
@@ -372,9 +263,9 @@ class Pruning:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._remove_grad_hooks()
-        self._buffer = None
-        self._optimizer, self._state_follows_masks = None, False
+        self._gradients.remove()
+        self._scratch.release()
+        self._optimizer = None
         return model
 
     # -- checkpointing --------------------------------------------------------------------
@@ -397,73 +288,28 @@ class Pruning:
         for name, mask in self.masks.items():
             mask.copy_(state["masks"][name].to(mask.dtype))
         for p, clock, scorer in zip(self._pruners, state["clocks"], state["scorers"], strict=True):
-            p.clock = _Clock(**clock)
+            p.clock = Clock(**clock)
             p.scorer.load_state_dict(scorer)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self._epoch_start_step = state["epoch_start_step"]
         self.apply_masks()
-        if self._grad_hooks:
-            self._route_kept_grads(list(self.params))
-        if self._optimizer is not None:
-            _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in self.masks])
-            self._check_next_step = self._state_follows_masks
+        self._masks_changed(list(self.params))
 
     # -- internals ------------------------------------------------------------------------
+
+    @property
+    def _kept_grads(self) -> dict[str, Any]:
+        """The weights on the kept-only gradient path (read by harness/bench.py and the tests)."""
+        return self._gradients.kept_only
 
     def _require_attached(self) -> nn.Module:
         if self.model is None:
             raise RuntimeError("call Pruning.attach(model) before training")
         return self.model
 
-    def _add_grad_hooks(self) -> None:
-        """Mask each pruned tensor's gradient as soon as backward has accumulated it: the same
-        multiply as before the step, but on a gradient that was just written and is still in cache.
-        Registered for training only (``on_train_begin`` to ``on_train_end``), so that a model that
-        is attached first and trained dense later (the runner's baseline) pays nothing."""
-        if self._grad_hooks:
-            return
-        for name, param in self.params.items():
-            if not param.requires_grad:  # frozen: no gradient to mask (its weights are masked at updates)
-                continue
-            # The mask tensor is updated in place, never replaced, so the hook can hold it.
-            self._grad_hooks.append(param.register_post_accumulate_grad_hook(
-                functools.partial(self._mask_gradient, name, self.masks[name])))
-        self._route_kept_grads(list(self.params))
-
-    def _remove_grad_hooks(self) -> None:
-        for hook in self._grad_hooks:
-            hook.remove()
-        self._grad_hooks = []
-        self._route_kept_grads([])
-
-    def _mask_gradient(self, name: str, mask: torch.Tensor, param: torch.Tensor) -> None:
-        pattern = self._kept_grads.get(name)
-        if pattern is not None and pattern.produced(param.grad):
-            return  # the kept-only gradient, as backward made it: already masked
-        with torch.no_grad():
-            param.grad.mul_(mask)
-
-    def _route_kept_grads(self, names: list[str]) -> None:
-        """Put ``names`` on the kept-only weight gradient path where it pays (sparse_grads.py), or
-        take them off it; with no names (training ended), take every tensor off."""
-        if not names:
-            for name in list(self._kept_grads):
-                sparse_grads.uninstall(self._owner(name))
-            self._kept_grads = {}
-            return
-        for name in names:
-            module, param, mask = self._owner(name), self.params[name], self.masks[name]
-            if self.spec.sparse_grads and self._grad_hooks and sparse_grads.eligible(module, param, mask):
-                self._kept_grads[name] = sparse_grads.install(module, mask)
-            elif self._kept_grads.pop(name, None) is not None:
-                sparse_grads.uninstall(module)
-
-    def _owner(self, name: str) -> nn.Module:
-        return self._require_attached().get_submodule(name.rpartition(".")[0])
-
     @torch.no_grad()
     def _before_step(self) -> None:
-        masked_in_backward = bool(self._grad_hooks)
+        masked_in_backward = self._gradients.installed
         for pruner in self._pruners:
             observe = pruner.scorer.needs_gradients and self.epoch <= pruner.spec.end_epoch
             if masked_in_backward and not observe:
@@ -479,44 +325,19 @@ class Pruning:
 
     def _after_step(self) -> None:
         self.global_step += 1
-        if not self._state_follows_masks:
+        if self._optimizer.needs_remasking(self.params, self.masks, self._scratch):
             self.apply_masks()
-        elif self._check_next_step:
-            self._check_next_step = False
-            self._check_pruned_stayed_zero()
-
-    @torch.no_grad()
-    def _check_pruned_stayed_zero(self) -> None:
-        """After the first step past a mask update: fall back to re-masking after every step if
-        the optimizer moved a pruned weight (its gradient was changed after backward)."""
-        moved = [name for name, param in self.params.items() if _pruned_moved(param, self.masks[name],
-                                                                               self._scratch_for(param))]
-        if moved:
-            warnings.warn(f"pruning: the optimizer step moved pruned weights of {moved[0]} (a gradient changed "
-                          "after backward?); re-masking the weights after every step from now on", stacklevel=2)
-            self._state_follows_masks = False
-            self.apply_masks()
-
-    def _scratch(self, numel: int, device: torch.device) -> torch.Tensor:
-        """A 1-D float32 buffer of ``numel``, kept from update to update while training: the first
-        touch of fresh memory costs several times a pass over it (page faults)."""
-        if self._buffer is None or self._buffer.numel() < numel or self._buffer.device != device:
-            self._buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        return self._buffer[:numel]
-
-    def _scratch_for(self, param: torch.Tensor) -> torch.Tensor:
-        return self._scratch(param.numel(), param.device).view(param.shape)
 
     def _update_due(self) -> None:
         self._require_attached()
         in_epoch = self.global_step - self._epoch_start_step
+        spe = self.steps_per_epoch or 1
         changed = False
         for pruner in self._pruners:
-            sparsity = _due_sparsity(pruner.spec, pruner.clock, self.epoch, in_epoch, self.steps_per_epoch or 1)
+            sparsity = pruner.clock.due(pruner.spec, self.epoch, in_epoch, spe)
             if sparsity is not None:
                 self._update(pruner, sparsity)
-                pruner.clock.last_position = _position(pruner.spec, self.epoch, in_epoch,
-                                                       self.steps_per_epoch or 1)[0]
+                pruner.clock.record(pruner.spec, sparsity, self.epoch, in_epoch, spe)
                 changed = True
         if changed and self._listeners:
             event = self._event(in_epoch)
@@ -527,44 +348,23 @@ class Pruning:
     def _update(self, pruner: _Pruner, sparsity: float) -> None:
         spec, pattern, scorer = pruner.spec, pruner.pattern, pruner.scorer
         if spec.scope == GLOBAL:
-            unit_scores, unit_sizes, current = {}, {}, {}
-            scratch = None
-            masks = [self.masks[n] for n in pruner.names]
-            if (isinstance(pattern, Unstructured) and all(m.dtype == torch.float32 for m in masks)
-                    and len({m.device for m in masks}) == 1):
-                # Scores straight into the second half of the engine's buffer, ranking into the first.
-                sizes = [self.params[n].numel() for n in pruner.names]
-                scratch = self._scratch(2 * sum(sizes), masks[0].device)
-                score_areas = scratch[sum(sizes):].split(sizes)
-            for i, name in enumerate(pruner.names):
-                param = self.params[name]
-                if scratch is not None:
-                    unit_scores[name] = scorer.scores_into(name, param, score_areas[i].view(param.shape)).view(-1)
-                else:
-                    unit_scores[name] = pattern.unit_scores(scorer.scores(name, param))
-                unit_sizes[name] = pattern.unit_sizes(param.shape)
-                current[name] = pattern.unit_keep(self.masks[name])
-            keep = select_global(unit_scores, unit_sizes, current, sparsity, spec.max_sparsity, scratch=scratch)
-            for name in pruner.names:
-                self.masks[name].copy_(pattern.expand(keep[name], self.params[name].shape))
+            params = {name: self.params[name] for name in pruner.names}
+            pattern.update_masks(scorer, params, self.masks, sparsity, spec.max_sparsity, self._scratch)
         else:
-            capped = min(sparsity, spec.max_sparsity) if spec.max_sparsity is not None else sparsity
+            capped = capped_sparsity(spec, sparsity)
             for name in pruner.names:
-                param, mask = self.params[name], self.masks[name]
-                if isinstance(pattern, Unstructured) and mask.dtype == torch.float32:
-                    pattern.update_in_place(scorer.scores_into(name, param, self._scratch_for(param)), capped, mask)
-                else:
-                    pattern.mask(scorer.scores(name, param), capped, mask, out=mask)
+                pattern.update_mask(scorer, name, self.params[name], self.masks[name], capped, self._scratch)
         for name in pruner.names:
             self.params[name].mul_(self.masks[name])
             scorer.after_update(name)
-        if self._grad_hooks:
-            self._route_kept_grads(pruner.names)
+        self._masks_changed(pruner.names)
+
+    def _masks_changed(self, names: list[str]) -> None:
+        """After the masks of ``names`` changed (the weights already masked): re-route their gradients,
+        and zero the optimizer's state of the newly pruned weights."""
+        self._gradients.masks_changed(names)
         if self._optimizer is not None:
-            _zero_pruned_state(self._optimizer, [(self.params[n], self.masks[n]) for n in pruner.names])
-            self._check_next_step = self._state_follows_masks
-        pruner.clock.scheduled = sparsity
-        pruner.clock.updated = True
+            self._optimizer.masks_changed(self.params, self.masks, names)
 
     def _event(self, in_epoch: int) -> MaskUpdate:
         rows = self.sparsity()
@@ -581,36 +381,8 @@ class Pruning:
         )
 
 
-# Optimizers whose update of a weight depends only on that weight, its gradient and its own
-# state entries, and is exactly 0 when all three are 0 (eps > 0 keeps 0 / (0 + eps) at 0).
-_ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
-                torch.optim.Adamax, torch.optim.RMSprop, torch.optim.Adagrad)
-
-
-def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer) in _ELEMENTWISE and all(g.get("eps", 1.0) > 0 for g in optimizer.param_groups)
-
-
-@torch.no_grad()
-def _zero_pruned_state(optimizer: torch.optim.Optimizer, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Zero the optimizer's per-weight state (momentum, moments) of the pruned weights."""
-    for param, mask in pairs:
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.mul_(mask)
-
-
-def _pruned_moved(param: torch.Tensor, mask: torch.Tensor, scratch: torch.Tensor) -> bool:
-    """Whether some weight the mask prunes is not 0: ``param * mask`` differs from ``param``."""
-    if torch.equal(torch.mul(param.detach(), mask, out=scratch), param.detach()):
-        return False
-    # Not equal: a pruned weight moved, or a kept one is NaN (NaN != NaN); tell which, exactly.
-    return bool(param.detach().ne(0).logical_and_(mask.eq(0)).any())
-
-
-
-
 def _spec_from_yaml(path: Path) -> PruningSpec:
+    # Late imports: yaml only for a spec given as a file; lpot imports this module (its engine).
     import yaml
 
     from .lpot import read_lpot_yaml
@@ -623,81 +395,3 @@ def _spec_from_yaml(path: Path) -> PruningSpec:
         return read_lpot_yaml(path).spec
     data = yaml.safe_load(text) or {}
     return PruningSpec.from_mapping(data.get("prune", data) if isinstance(data, dict) else {})
-
-
-def _position(spec: ResolvedPruner, epoch: int, in_epoch: int, spe: int) -> tuple[int, int, int] | None:
-    """(position, update interval, span) in one unit, or None when no update can fall here.
-
-    The unit is epochs when the frequency is a whole number of epochs (updates at epoch
-    begin, as LPOT does), else optimizer steps.
-    """
-    if spec.update_frequency_steps is None and float(spec.update_frequency).is_integer():
-        if in_epoch != 0:
-            return None
-        return epoch - spec.start_epoch, int(spec.update_frequency), spec.end_epoch - spec.start_epoch
-    every = spec.update_frequency_steps or max(1, round(spec.update_frequency * spe))
-    return (epoch - spec.start_epoch) * spe + in_epoch, every, (spec.end_epoch - spec.start_epoch) * spe
-
-
-def _due_sparsity(spec: ResolvedPruner, clock: _Clock, epoch: int, in_epoch: int, spe: int) -> float | None:
-    """The scheduled sparsity if this pruner updates at (epoch, in_epoch), else None."""
-    where = _position(spec, epoch, in_epoch, spe)
-    if where is None:
-        return None
-    position, every, span = where
-    if clock.updated and clock.last_position == position:
-        return None  # another micro-batch of the same optimizer step
-    if position > span:
-        return None if clock.updated else spec.target_sparsity  # started after end_epoch: catch up once
-    if position < 0:
-        return None
-    if spec.schedule == Schedule.one_shot:
-        return None if clock.updated else spec.target_sparsity
-    if position % every == 0:
-        return SCHEDULES[spec.schedule](spec.initial_sparsity, spec.target_sparsity, position // every, every, span)
-    if position == span:  # the end is off the staircase: finish at the target (LPOT never did)
-        return spec.target_sparsity
-    return None
-
-
-def select_tensors(patterns: list[str] | None, exclude: list[str] | None, named: Mapping[str, nn.Parameter],
-                   default: list[str], prefix: str = "") -> list[str]:
-    """Resolve exact names, globs and ``re:`` regexes to parameter names, minus ``exclude``.
-
-    Unset ``patterns`` means every conv and linear weight. Globs and regexes match only
-    parameters with two or more dimensions (weight matrices and kernels, never biases or
-    norms); an exact name may be any parameter. A pattern that matches nothing is an error
-    that lists the closest names.
-    """
-    chosen = list(default) if patterns is None else []
-    for pattern in patterns or []:
-        hits = _matching(pattern, named)
-        if not hits:
-            raise ValueError(_unknown_tensor_message(f"{prefix}names", pattern, list(named)))
-        chosen += [h for h in hits if h not in chosen]
-    for pattern in exclude or []:
-        hits = set(_matching(pattern, named))
-        if not hits:
-            raise ValueError(_unknown_tensor_message(f"{prefix}exclude", pattern, list(named)))
-        chosen = [name for name in chosen if name not in hits]
-    if not chosen:
-        raise ValueError(f"{prefix}names: no tensor left to prune (the model has no conv or linear weights, "
-                         "or exclude removed them all)")
-    return chosen
-
-
-def _matching(pattern: str, named: Mapping[str, nn.Parameter]) -> list[str]:
-    if pattern in named:
-        return [pattern]
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return [n for n, p in named.items() if p.dim() >= 2 and regex.fullmatch(n)]
-    if any(c in pattern for c in "*?["):
-        return [n for n, p in named.items() if p.dim() >= 2 and fnmatch.fnmatchcase(n, pattern)]
-    return []
-
-
-def _unknown_tensor_message(key: str, name: str, existing: list[str]) -> str:
-    close = difflib.get_close_matches(name.removeprefix("re:"), existing, n=3, cutoff=0.5)
-    hint = f"closest: {', '.join(close)}" if close else f"the model has: {', '.join(existing[:6])}, ..."
-    return f"{key}: {name!r} matches no parameter of the model; {hint}"
