@@ -112,7 +112,7 @@ def test_the_check_reruns_the_pick_with_the_next_fine_tuning_seeds_and_judges_th
         return model
 
     monkeypatch.setattr(bf, "fine_tune_pruned", fake_fine_tune)
-    monkeypatch.setattr("harness.training.evaluate", lambda m, split, device: results[m.seed][split == "test"])
+    monkeypatch.setattr(bf, "evaluate", lambda m, split, device: results[m.seed][split == "test"])
     pick = bf.Row("hand loop", "2", 36, 100.0, 0.9949, 0.9778, 0.9519, True, False, "trial 25")
     row = bf.check_pick(dense, pick, 0.9949, 0.0535, 24, 2)
 
