@@ -65,7 +65,8 @@ def main() -> None:
         _hydra_main()
     except Interrupted as stop:
         where = stop.checkpoint
-        hint = f"; continue with: python -m harness resume={where.parent}" if where else ""
+        hint = (f"; {stop.how_to_continue}" if stop.how_to_continue else
+                f"; continue with: python -m harness resume={where.parent}" if where else "")
         print(f"stopped: {stop}{hint}", file=sys.stderr)
         sys.exit(128 + signal.Signals[stop.signal_name].value)
     except KeyboardInterrupt:

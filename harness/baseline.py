@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.caches import file_digest, set_aside
 from harness.config import Config
 from harness.locking import file_lock
 
@@ -45,7 +46,7 @@ def baseline_key(cfg: Config) -> str:
     train = {k: v for k, v in asdict(cfg.train).items() if k not in _NOT_IN_KEY}
     model = asdict(cfg.model)
     if cfg.model.checkpoint:
-        model["checkpoint"] = _file_digest(Path(cfg.model.checkpoint))
+        model["checkpoint"] = file_digest(Path(cfg.model.checkpoint))
     dataset = asdict(cfg.dataset)
     dataset.pop("num_workers")
     payload = {"v": _CACHE_VERSION, "dataset": dataset, "model": model, "train": train, "seed": cfg.seed}
@@ -53,15 +54,20 @@ def baseline_key(cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+INTERRUPTED = "interrupted.pt"  # the loop state of a dense training that was interrupted; resumed next time
+
+
 def load_or_train(
     cfg: Config,
     model: nn.Module,
-    train: Callable[[nn.Module], tuple[float, float]],
+    train: Callable[[nn.Module, Path], tuple[float, float]],
     cache_root: Path,
 ) -> Baseline:
-    """Load the cached baseline into ``model``, or run ``train(model)`` and cache the result.
+    """Load the cached baseline into ``model``, or run ``train(model, checkpoint)`` and cache the result.
 
-    ``train`` trains ``model`` in place and returns its (val, test) accuracy.
+    ``train`` trains ``model`` in place and returns its (val, test) accuracy; ``checkpoint`` is where it
+    keeps, and resumes from, the state of an interrupted training. A damaged cache entry is set aside
+    and trained again, never loaded.
     """
     key = baseline_key(cfg)
     folder = cache_root / key
@@ -69,16 +75,35 @@ def load_or_train(
     weights, meta = folder / "model.pt", folder / "meta.json"
     with file_lock(folder / ".lock"):  # a second process waits here, then loads
         if weights.exists() and meta.exists():
-            info = json.loads(meta.read_text())
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            return Baseline(key, info["val_accuracy"], info["test_accuracy"], True, folder)
-        val_accuracy, test_accuracy = train(model)
+            cached = _load_cached(key, folder, model)
+            if cached is not None:
+                return cached
+        val_accuracy, test_accuracy = train(model, folder / INTERRUPTED)
         _atomic_save(model.state_dict(), weights)
         info = {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "key": key,
+                "sha256": file_digest(weights),
                 "config": {"dataset": asdict(cfg.dataset), "model": asdict(cfg.model),
                            "train": asdict(cfg.train), "seed": cfg.seed}}
         _atomic_write(meta, json.dumps(info, indent=2, default=_jsonable))
     return Baseline(key, val_accuracy, test_accuracy, False, folder)
+
+
+def _load_cached(key: str, folder: Path, model: nn.Module) -> Baseline | None:
+    """The cached baseline loaded into ``model``; None, with the entry set aside, when it is damaged."""
+    weights, meta = folder / "model.pt", folder / "meta.json"
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        info = json.loads(meta.read_text())
+        if "sha256" in info and file_digest(weights) != info["sha256"]:  # entries before checksums: load check
+            raise ValueError("model.pt does not match the checksum in meta.json")
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return Baseline(key, float(info["val_accuracy"]), float(info["test_accuracy"]), True, folder)
+    except Exception as err:  # whatever fails to read our own cache means it is damaged
+        model.load_state_dict(initial)  # a half-loaded model would train from other weights than its seed's
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+        for path in (weights, meta):
+            set_aside(path, reason)
+        return None
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -91,14 +116,6 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

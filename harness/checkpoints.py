@@ -1,5 +1,6 @@
 """Checkpoints of interrupted runs: written on SIGINT/SIGTERM during fine-tuning, read by
-``python -m harness resume=<run dir, checkpoint file or MLflow run id>``.
+``python -m harness resume=<run dir, checkpoint file or MLflow run id>``; and the loop state of an
+interrupted dense baseline's training, which the next run with that baseline resumes.
 
 A checkpoint holds the composed config, the training loop's state (model, optimizer,
 learning-rate schedule, data order, random states), the pruning engine's state (masks,
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from harness.caches import set_aside
 from harness.config import Config, TrackingBackend, config_dict
 from harness.errors import ConfigError
 from harness.pruning import MaskUpdate
@@ -40,12 +42,39 @@ class Checkpoint:
 
 def save(run_dir: Path, cfg: Config, loop: LoopState, pruning: dict[str, Any], updates: list[MaskUpdate],
          run_id: str | None) -> Path:
-    path = run_dir / FILENAME
+    return _atomic_save(run_dir / FILENAME, {"version": _VERSION, "config": config_dict(cfg), "loop": asdict(loop),
+                                             "pruning": pruning, "updates": [asdict(u) for u in updates],
+                                             "run_id": run_id})
+
+
+def save_loop(path: Path, loop: LoopState) -> Path:
+    """The state of an interrupted dense training (no engine, no MLflow run: the next run resumes it)."""
+    return _atomic_save(path, {"version": _VERSION, "loop": asdict(loop)})
+
+
+def load_loop(path: Path) -> LoopState | None:
+    """The loop state :func:`save_loop` wrote; None, with the file set aside, when it is damaged."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+            raise ValueError("not a loop state of this version")
+        return _loop(raw["loop"])
+    except Exception as err:  # whatever fails to read our own file means it is damaged
+        set_aside(path, f"{type(err).__name__}: {err}"[:200])
+        return None
+
+
+def _atomic_save(path: Path, payload: dict[str, Any]) -> Path:
     tmp = path.with_suffix(".tmp")
-    torch.save({"version": _VERSION, "config": config_dict(cfg), "loop": asdict(loop), "pruning": pruning,
-                "updates": [asdict(u) for u in updates], "run_id": run_id}, tmp)
+    torch.save(payload, tmp)
     os.replace(tmp, path)  # never a half-written checkpoint
     return path
+
+
+def _loop(raw: dict[str, Any]) -> LoopState:
+    loop = dict(raw)
+    loop["history"] = [EpochResult(**h) for h in loop["history"]]
+    return LoopState(**loop)
 
 
 def load(where: str, cfg: Config) -> Checkpoint:
@@ -58,9 +87,7 @@ def load(where: str, cfg: Config) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("version") != _VERSION:
         raise ConfigError(f"resume={where}: {path} is not a harness checkpoint")
     config: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw["config"]))
-    loop = dict(raw["loop"])
-    loop["history"] = [EpochResult(**h) for h in loop["history"]]
-    return Checkpoint(path, config, LoopState(**loop), raw["pruning"],
+    return Checkpoint(path, config, _loop(raw["loop"]), raw["pruning"],
                       [MaskUpdate(**u) for u in raw["updates"]], raw["run_id"])
 
 

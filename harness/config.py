@@ -8,6 +8,7 @@ and cross-field checks live in ``__post_init__`` and run once, when
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_key_message
 from harness.pruning.spec import PruningSpec
 
 DATASETS = ("digits", "cifar10", "imagefolder", "fake")
@@ -264,7 +265,23 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 def to_config(cfg: DictConfig) -> Config:
     """Turn the composed config into typed objects, running every range check once."""
+    _reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _reject_unknown_keys(node: Any, prefix: str = "") -> None:
+    """A key that Hydra let in with ``+`` (``+prune.targt_sparsity=0.9``) but no schema has: an error,
+    as for any unknown key, never silently ignored (OmegaConf.to_object would keep it as a stray attribute)."""
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node:
+            if fields is not None and key not in fields:
+                raise ConfigError(unknown_key_message(f"{prefix}{key}", schema))
+            _reject_unknown_keys(node._get_node(key), f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            _reject_unknown_keys(node._get_node(i), f"{prefix.removesuffix('.')}[{i}].")
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:

@@ -4,6 +4,8 @@ The entry point prints these as one line and exits with status 2, no traceback.
 Anything else is a bug and keeps its traceback.
 """
 
+import dataclasses
+import difflib
 import errno
 import re
 from typing import Any
@@ -36,6 +38,7 @@ class Interrupted(RunStopped):
         super().__init__(f"interrupted by {signal_name} at epoch {state.epoch} before step {state.step}")
         self.signal_name, self.state = signal_name, state
         self.checkpoint: Any = None  # the checkpoint's path, once written
+        self.how_to_continue: str | None = None  # unset: ``python -m harness resume=<checkpoint's dir>``
 
 
 def user_error_message(err: BaseException) -> str | None:
@@ -68,13 +71,14 @@ def user_error_message(err: BaseException) -> str | None:
 
 def _unknown_key_message(cause: Exception, overridden: str | None) -> str:
     """'prune.foo: unknown key; closest: ...' with the schema's keys as the allowed list."""
-    import dataclasses
-    import difflib
-
     key = getattr(cause, "full_key", "") or "?"
     if overridden and not key.startswith(overridden.split(".")[0]):
         key = f"{overridden}: {key}"  # a key inside a list item, e.g. prune.pruners=[{...}]
-    schema = getattr(cause, "object_type", None)
+    return unknown_key_message(key, getattr(cause, "object_type", None))
+
+
+def unknown_key_message(key: str, schema: Any) -> str:
+    """``key``: unknown key, with the closest names among the fields of ``schema`` (a dataclass)."""
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         return f"{key}: unknown key"
     allowed = sorted(f.name for f in dataclasses.fields(schema))

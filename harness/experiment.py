@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness import checkpoints
 from harness import metrics as m
 from harness.baseline import Baseline, load_or_train
-from harness.checkpoints import Checkpoint
 from harness.config import Config, config_dict
 from harness.data import DataBundle, build_data
-from harness.errors import ConfigError
+from harness.errors import ConfigError, Interrupted
 from harness.goal import Verdict
 from harness.models import build_model
 from harness.tracking import Tracker, finished_or_failed, flatten, make_tracker
@@ -65,7 +65,7 @@ def prepare(cfg: Config) -> Experiment:
 
 
 @contextlib.contextmanager
-def tracked_run(exp: Experiment, trial: Any = None, resume: Checkpoint | None = None) -> Iterator[Tracker]:
+def tracked_run(exp: Experiment, trial: Any = None, resume: checkpoints.Checkpoint | None = None) -> Iterator[Tracker]:
     """The tracked run (a new one, or the interrupted run ``resume`` continues), with the config as
     params, ended FINISHED, FAILED or KILLED with the block (:func:`finished_or_failed`).
 
@@ -86,11 +86,23 @@ def dense_baseline(exp: Experiment, tracker: Tracker, trial: Any = None) -> Base
     """Load the cached dense baseline into ``exp.model``, or train it and cache it."""
     cfg = exp.cfg
 
-    def train_dense(model: nn.Module) -> tuple[float, float]:
+    def train_dense(model: nn.Module, checkpoint: Path) -> tuple[float, float]:
         tracker.flush()  # the params, in the MLflow UI during a long phase without metrics
-        log.info("training the dense baseline (%d epochs)", cfg.train.epochs)
-        fit(model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
-            device=exp.device, desc="dense")
+        resume = checkpoints.load_loop(checkpoint) if checkpoint.exists() else None
+        if resume is None:
+            log.info("training the dense baseline (%d epochs)", cfg.train.epochs)
+        else:
+            log.info("training the dense baseline (%d epochs), resumed from %s at epoch %d, step %d",
+                     cfg.train.epochs, checkpoint, resume.epoch, resume.step)
+        try:
+            fit(model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
+                device=exp.device, desc="dense", resume=resume)
+        except Interrupted as stop:
+            stop.checkpoint = checkpoints.save_loop(checkpoint, stop.state)
+            stop.how_to_continue = (f"the dense baseline's training was saved in {checkpoint} and resumes when "
+                                    "a run needs this baseline again (the same command)")
+            raise
+        checkpoint.unlink(missing_ok=True)
         return evaluate(model, exp.data.val, exp.device), evaluate(model, exp.data.test, exp.device)
 
     baseline = load_or_train(cfg, exp.model, train_dense, exp.outputs / "baselines")

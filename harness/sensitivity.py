@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.caches import set_aside
 from harness.pruning import Criterion, Pattern, prunable_weights, select_tensors
 from harness.pruning.criteria import Scorer, make_scorer
 from harness.pruning.patterns import MaskPattern, Unstructured, make_pattern
@@ -573,14 +575,14 @@ def cached_sensitivity(
     The cache file is keyed by the baseline's key, the tensors, the sparsities and the pattern;
     returns the table, its file, and whether it was reused.
     """
-    import hashlib
-    import json
-
     what = json.dumps({"names": list(names) if names is not None else None,
                        "sparsities": [float(s) for s in sparsities], "pattern": str(pattern)}, sort_keys=True)
     path = Path(cache_dir) / f"{baseline_key}-{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
     if path.exists():
-        return SensitivityTable.load(path), path, True
+        try:
+            return SensitivityTable.load(path), path, True
+        except Exception as err:  # whatever fails to read our own cache means it is damaged: measure again
+            set_aside(path, f"{type(err).__name__}: {err}"[:200])
     table = analyze_sensitivity(model, names, evaluate_fn, sparsities, pattern=pattern)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.config import LrSchedule, Optimizer, TrainConfig
-from harness.errors import HarnessError, Interrupted
+from harness.errors import ConfigError, HarnessError, Interrupted
 from harness.metrics import TRAIN_LOSS, VAL_ACCURACY
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,18 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; a CUDA device that is not here is a :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver; never raises
+        if count == 0:
+            raise ConfigError(f"train.device={name}: no CUDA device here; use train.device=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}; use one of them, or train.device=auto")
+    return device
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -81,7 +81,7 @@ def test_baseline_cache_hit_and_miss(tmp_path):
     cfg = compose_config(FAST)
     calls = []
 
-    def train(model):
+    def train(model, _checkpoint):
         calls.append(1)
         with torch.no_grad():
             model.weight.fill_(len(calls))
