@@ -6,10 +6,16 @@ count the trials and ask for one if fewer than ``n_trials`` are finished or runn
 run it; tell the result. A slot freed by a finished or pruned trial is refilled at once,
 and exactly ``n_trials`` trials finish in total, also across restarts: a trial whose
 process died is marked FAIL at the next start and replaced.
+
+A PostgreSQL server that restarts mid-sweep is ridden out (``harness.sweep.study.reconnecting``):
+each storage call is retried while the connection is lost, a tell is applied once, and the locked
+"count, then ask" is done again under a new lock; a trial it asked for but could not record as
+this worker's is taken over there, so none is lost and none runs twice.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,7 +38,10 @@ from harness.sweep.study import (
     make_sampler,
     make_storage,
     mark_worker,
+    orphaned_trials,
+    reconnecting,
     study_lock,
+    tell_once,
 )
 
 log = logging.getLogger(__name__)
@@ -79,15 +88,19 @@ class WorkerReport:
 def open_study(settings: SweepSettings) -> optuna.Study:
     """Create the study, or load it to resume or to join other workers (one at a time: creating
     the storage's tables concurrently races)."""
-    with study_lock(settings.storage, settings.study_name):
-        return optuna.create_study(
-            study_name=settings.study_name,
-            storage=make_storage(settings.storage),
-            directions=settings.directions,
-            sampler=make_sampler(settings.sampler, settings.seed),
-            pruner=make_pruner(settings.pruner),
-            load_if_exists=True,
-        )
+
+    def create() -> optuna.Study:
+        with study_lock(settings.storage, settings.study_name):
+            return optuna.create_study(
+                study_name=settings.study_name,
+                storage=make_storage(settings.storage),
+                directions=settings.directions,
+                sampler=make_sampler(settings.sampler, settings.seed),
+                pruner=make_pruner(settings.pruner),
+                load_if_exists=True,
+            )
+
+    return reconnecting(create, f"opening study {settings.study_name}")
 
 
 def run_worker(
@@ -97,28 +110,18 @@ def run_worker(
 ) -> WorkerReport:
     """Ask, run and tell until the study has ``n_trials`` finished (or running) trials."""
     study = open_study(settings)
-    report = WorkerReport(stale=fail_dead_trials(study))
-    limit = settings.failure_limit
+    report = WorkerReport(stale=reconnecting(lambda: fail_dead_trials(study), "failing dead trials"))
     while True:
-        with study_lock(settings.storage, settings.study_name):
-            # Failures count over the whole study (all workers, all restarts); trials lost with their
-            # process were replaced and do not count.
-            failed, running = len(failed_trials(study)), count(study, (TrialState.RUNNING,))
-            if failed >= limit:
-                report.stopped_on_failures = True
-                break
-            busy = count(study, (*FINISHED, TrialState.RUNNING))
-            # Once trials fail, the running ones may fail too: start no more than could fail within the limit.
-            room = failed == 0 or failed + running < limit
-            trial = study.ask() if busy < settings.n_trials and room else None
-            if trial is not None:
-                mark_worker(trial)
+        trial, running, report.stopped_on_failures = reconnecting(lambda: _next_trial(study, settings),
+                                                                  "asking for a trial")
+        if report.stopped_on_failures:
+            break
         if trial is None:
             if running == 0:  # (then n_trials are finished: with none running there was room to ask)
                 break
             time.sleep(1.0)  # others are running the last trials; one may fail and need replacing
             continue
-        values = space.suggest(trial)
+        values = reconnecting(functools.partial(space.suggest, trial), f"suggesting trial {trial.number}'s values")
         try:
             outcome = run_trial(trial, space.to_overrides(values))
         except BaseException as err:  # Ctrl-C or SIGTERM outside the training loop: never leave it RUNNING
@@ -127,7 +130,7 @@ def run_worker(
             raise err
         report.ran.append(trial.number)
         if outcome.stop is not None:  # replaced when the sweep resumes, not counted as a failure
-            trial.set_user_attr("lost", f"interrupted ({outcome.error})")
+            _set_attr(trial, "lost", f"interrupted ({outcome.error})")
         _tell(study, trial, outcome, settings)
         if outcome.error is not None:
             report.failed.append(trial.number)
@@ -136,29 +139,64 @@ def run_worker(
     return report
 
 
+def _next_trial(study: optuna.Study, settings: SweepSettings) -> tuple[optuna.trial.Trial | None, int, bool]:
+    """Under the study lock: the trial this worker runs next (None when none is to start now), how
+    many trials run, and whether the sweep stops on failures. Done again as a whole when the storage
+    connection is lost (see :func:`harness.sweep.study.study_lock`)."""
+    with study_lock(settings.storage, settings.study_name):
+        # Failures count over the whole study (all workers, all restarts); trials lost with their
+        # process were replaced and do not count.
+        failed, running = len(failed_trials(study)), count(study, (TrialState.RUNNING,))
+        if failed >= settings.failure_limit:
+            return None, running, True
+        busy = count(study, (*FINISHED, TrialState.RUNNING))
+        for orphan in orphaned_trials(study, settings.storage):  # asked as the connection was lost, never run
+            if busy > settings.n_trials:  # asked by two workers whose locks went with the connection
+                study._storage.set_trial_user_attr(orphan._trial_id, "lost",
+                                                   "asked while the storage connection was lost; not needed")
+                study.tell(orphan.number, state=TrialState.FAIL)
+                busy -= 1
+                continue
+            trial = optuna.trial.Trial(study, orphan._trial_id)
+            mark_worker(trial)
+            log.info("trial %d: taken over (asked while the storage connection was lost)", trial.number)
+            return trial, running, False
+        # Once trials fail, the running ones may fail too: start no more than could fail within the limit.
+        room = failed == 0 or failed + running < settings.failure_limit
+        trial = study.ask() if busy < settings.n_trials and room else None
+        if trial is not None:
+            mark_worker(trial)
+        return trial, running, False
+
+
+def _set_attr(trial: optuna.trial.Trial, key: str, value: Any) -> None:
+    reconnecting(lambda: trial.set_user_attr(key, value), f"recording trial {trial.number}'s {key}")
+
+
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, settings: SweepSettings) -> None:
     if outcome.pruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        tell_once(study, trial, state=TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)
         return
     if outcome.output_dir:
-        trial.set_user_attr("output_dir", outcome.output_dir)
+        _set_attr(trial, "output_dir", outcome.output_dir)
     if outcome.error is not None or outcome.metrics is None:
-        trial.set_user_attr("error", (outcome.error or "no result")[:2000])
-        study.tell(trial, state=TrialState.FAIL)
+        _set_attr(trial, "error", (outcome.error or "no result")[:2000])
+        tell_once(study, trial, state=TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, outcome.error)
         return
     metrics = outcome.metrics
-    trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+    _set_attr(trial, "metrics", {k: float(v) for k, v in metrics.items()})
     if settings.goal_constraint and GOAL_EXCESS_DROP in metrics:
-        trial.set_constraint("accuracy_goal", metrics[GOAL_EXCESS_DROP])
+        reconnecting(lambda: trial.set_constraint("accuracy_goal", metrics[GOAL_EXCESS_DROP]),
+                     f"recording trial {trial.number}'s constraint")
     missing = [name for name in settings.objectives if name not in metrics]
     if missing:
-        trial.set_user_attr("error", f"the run returned no {missing[0]!r}")
-        study.tell(trial, state=TrialState.FAIL)
+        _set_attr(trial, "error", f"the run returned no {missing[0]!r}")
+        tell_once(study, trial, state=TrialState.FAIL)
         return
     values = [float(metrics[name]) for name in settings.objectives]
-    study.tell(trial, values if len(values) > 1 else values[0])
+    tell_once(study, trial, values if len(values) > 1 else values[0])
     log.info("trial %d: %s", trial.number,
              ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, FINAL_ACCURACY) if k in metrics))
 

@@ -3,6 +3,9 @@ and clean-up of trials whose process died (SIGKILL, a lost machine).
 
 Studies live in an RDB storage so that a sweep resumes where it stopped and several
 workers share it: SQLite (``outputs/optuna.db``) on one machine, PostgreSQL across machines.
+A PostgreSQL server that restarts (or a connection cut) during a sweep is ridden out: the
+storage calls of the sweep loop and of the trials' runs go through :func:`reconnecting`, which
+retries them for up to ``RECONNECT_S`` while the connection is lost, and only then.
 """
 
 from __future__ import annotations
@@ -10,23 +13,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from harness.errors import ConfigError
 from harness.locking import file_lock, process_alive
 from harness.metrics import FINAL_SPARSITY
+from harness.stores import OPTUNA_TABLES, check_sqlite_store
 from harness.sweep.pruners import GoalPruner
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "nsga2", "qmc")
 PRUNERS = ("goal", "median", "percentile", "successive_halving", "hyperband", "none")
+STORAGE_KEY = "hydra.sweeper.storage"
 PRUNER_ATTR = "harness.pruner"  # the pruner's settings, stored on the study for the trials' runs
+RECONNECT_S = 60.0  # how long a storage call is retried while the database cannot be reached
+# SQLSTATEs of a lost or refused connection: class 08, and the server shutting down, crashing or starting up.
+_DISCONNECT_CODES = ("08", "57P01", "57P02", "57P03")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_storage(outputs_dir: str | Path) -> str:
@@ -38,9 +53,30 @@ def default_storage(outputs_dir: str | Path) -> str:
 def make_storage(url: str) -> optuna.storages.RDBStorage:
     """One storage per URL in a process, shared by the sweep loop and its trials' runs: opening one
     (an engine, Optuna's schema check) takes ~80 ms, a third of a sweep's cost per trial."""
+    check_sqlite_store(url, STORAGE_KEY, "Optuna", OPTUNA_TABLES)
     # SQLite: wait on a lock instead of failing at once when another worker writes.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    with opening_storage(url):
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+@contextlib.contextmanager
+def opening_storage(url: str) -> Iterator[None]:
+    """A storage that cannot be opened (its driver missing, its server unreachable) as one line."""
+    try:
+        yield
+    except ImportError as err:  # the database's driver
+        driver = " or name a driver you have in the URL (postgresql+psycopg2://...)" if err.name == "psycopg" else ""
+        raise ConfigError(f"{STORAGE_KEY}={_safe(url)}: needs the Python package {err.name} "
+                          f"(pip install {err.name}){driver}") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise ConfigError(f"{STORAGE_KEY}={_safe(url)}: cannot open the Optuna storage ({reason})") from None
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -82,32 +118,133 @@ def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
 def study_lock(storage_url: str, study_name: str) -> Iterator[None]:
     """Serialize "count the trials, then ask for one" across the workers of a study.
 
-    SQLite: a file lock beside the database. PostgreSQL: an advisory lock. Other
-    storages: no lock (the trial count may overshoot by the number of workers).
+    SQLite: a file lock beside the database. PostgreSQL: an advisory lock, held by its own
+    connection; when that connection is lost (the server restarted) the lock went with it, and
+    leaving the block raises the disconnection, so that a caller under :func:`reconnecting`
+    does its locked work again under a new lock. Other storages: no lock (the trial count may
+    overshoot by the number of workers).
     """
     if storage_url.startswith("sqlite:///"):
         with file_lock(Path(storage_url.removeprefix("sqlite:///") + f".{_digest(study_name)}.lock")):
             yield
         return
     if storage_url.startswith("postgresql"):
-        import sqlalchemy
-
         engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
         key = int(_digest(study_name), 16) % (2**62)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+        unlock = sqlalchemy.text("SELECT pg_advisory_unlock(:k)")
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                except BaseException:
+                    try:
+                        conn.execute(unlock, {"k": key})
+                    except Exception as err:  # the block's own error is the one to see
+                        if not is_disconnect(err):
+                            raise
+                    raise
+                conn.execute(unlock, {"k": key})
+        finally:
+            engine.dispose()
         return
     yield
 
 
+def is_disconnect(err: BaseException) -> bool:
+    """Whether ``err`` (or the error it was raised from, e.g. inside Optuna's ``StorageInternalError``)
+    says that the PostgreSQL connection was lost or could not be made: the server restarting, stopped,
+    or out of reach. Any other database error (a bad value, a constraint, SQLite's "database is
+    locked") is not one."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlalchemy.exc.DBAPIError):
+            orig = cause.orig
+            if type(orig).__module__.split(".")[0] not in ("psycopg2", "psycopg"):
+                return False
+            if cause.connection_invalidated:
+                return True
+            code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+            if code is None:  # raised by the client library itself: refused, closed, unreachable
+                return isinstance(cause, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+            return str(code).startswith(_DISCONNECT_CODES)
+        # A session whose connection broke refuses further work until rolled back: the breaking error
+        # is the one it was raised while handling (Optuna's fallback query in ``_get_trials`` meets this).
+        pending = isinstance(cause, sqlalchemy.exc.PendingRollbackError) and cause.__cause__ is None
+        cause = cause.__context__ if pending else cause.__cause__
+    return False
+
+
+def reconnecting(action: Callable[[], T], what: str, patience_s: float = RECONNECT_S) -> T:
+    """``action()``, called again (with a short backoff) while it fails because the database
+    connection is lost, for up to ``patience_s``; any other error, or one after that, is raised.
+
+    Only for actions that may run twice: reads, and writes that set a value (a user attribute, an
+    intermediate value). A write that must happen once checks first, as :func:`tell_once` does."""
+    deadline, delay, lost_at = time.monotonic() + patience_s, 0.25, None
+    while True:
+        try:
+            result = action()
+        except Exception as err:
+            if not is_disconnect(err) or time.monotonic() + delay > deadline:
+                raise
+            if lost_at is None:
+                lost_at = time.monotonic()
+            log.warning("storage connection lost while %s (%s); retrying in %.1f s", what, _reason(err), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 4.0)
+            continue
+        if lost_at is not None:
+            log.warning("storage reconnected after %.1f s; %s done", time.monotonic() - lost_at, what)
+        return result
+
+
+def tell_once(study: optuna.Study, trial: optuna.trial.Trial | int, values: Any = None,
+              state: TrialState | None = None) -> None:
+    """``study.tell``, reconnecting; told once: when a retry finds the trial already finished (the
+    lost connection dropped only the answer of a tell that went through), it is left as it is."""
+    attempts = 0
+
+    def attempt() -> None:
+        nonlocal attempts
+        attempts += 1
+        study.tell(trial, values, state=state, skip_if_finished=attempts > 1)
+
+    number = trial if isinstance(trial, int) else trial.number
+    reconnecting(attempt, f"telling trial {number} {state.name if state else 'COMPLETE'}")
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the database's own message under ``err``."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, sqlalchemy.exc.DBAPIError):
+        cause = cause.__cause__
+    text = str(getattr(cause, "orig", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def mark_worker(trial: optuna.trial.Trial) -> None:
     """Record which process runs the trial, so that a later start can tell if it died."""
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    trial.set_user_attr("worker", this_worker())
+
+
+def this_worker() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def orphaned_trials(study: optuna.Study, storage_url: str) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials that no worker runs although their process lives: asked under the study lock by
+    a worker whose storage connection was lost before it could record that it runs them (no ``worker``
+    yet), or recorded by this very process, which runs none while it holds the lock. Only meaningful
+    under :func:`study_lock`, where no other worker is between its ask and its record: none for a
+    storage without that lock."""
+    if not storage_url.startswith(("sqlite:///", "postgresql")):
+        return []
+    me = this_worker()
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") in (None, me)]
 
 
 def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

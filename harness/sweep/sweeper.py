@@ -31,7 +31,14 @@ from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
 from harness.sweep.space import SearchSpace, encode_value, parse_search_space
-from harness.sweep.study import PRUNER_ATTR, default_storage, failed_trials, make_storage, study_lock
+from harness.sweep.study import (
+    PRUNER_ATTR,
+    default_storage,
+    failed_trials,
+    make_storage,
+    opening_storage,
+    study_lock,
+)
 from harness.sweep.summary import describe, plot_all, write_confirmations_csv, write_results
 from harness.tracking import MlflowTracker, Tracker, finished_or_failed, make_tracker
 
@@ -137,7 +144,8 @@ def _open(options: SweeperOptions, config: DictConfig, identity: StudyIdentity,
     and whether it existed already. One process at a time, so that two workers create one study."""
     storage = options.storage or default_storage(config.outputs_dir)
     base_name = options.study_name or config.hydra.runtime.choices.get("sweep") or "sweep"
-    with study_lock(storage, "harness.study-names"):
+    # Opened under the lock: two commands on a fresh database would both create Optuna's tables.
+    with opening_storage(storage), study_lock(storage, "harness.study-names"):
         name, resumed = resolve_study_name(make_storage(storage), base_name, options.study_name is not None, identity)
         settings = SweepSettings(
             study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),

@@ -3,6 +3,8 @@ and stops when the study's pruner says the trial cannot win.
 
 A confirmation run (a candidate re-run with another fine-tuning seed, see
 ``harness.sweep.confirm``) is linked to the trial it confirms but reports nothing to it.
+Each call to the study rides out a lost storage connection (``harness.sweep.study.reconnecting``):
+a PostgreSQL restart does not fail the run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import optuna
 
 from harness.errors import RunStopped
 from harness.goal import goal_threshold
-from harness.sweep.study import PRUNER_ATTR, make_pruner, make_storage
+from harness.sweep.study import PRUNER_ATTR, make_pruner, make_storage, reconnecting
 
 
 class Pruned(RunStopped, optuna.TrialPruned):
@@ -36,16 +38,20 @@ class TrialLink:
 
     def __init__(self, storage: str, study: str, number: int, parent_run_id: str | None,
                  confirmation_seed: int | None = None) -> None:
-        rdb = make_storage(storage)
-        settings = rdb.get_study_user_attrs(rdb.get_study_id_from_name(study)).get(PRUNER_ATTR, {"name": "none"})
-        loaded = optuna.load_study(study_name=study, storage=rdb, pruner=make_pruner(settings))
-        trial_id = next(t._trial_id for t in loaded.get_trials(deepcopy=False) if t.number == number)
+        loaded, trial_id = reconnecting(lambda: self._load(storage, study, number), f"loading trial {number}")
         self.study_obj = loaded
-        self.trial = optuna.trial.Trial(loaded, trial_id)
+        self.trial = reconnecting(lambda: optuna.trial.Trial(loaded, trial_id), f"loading trial {number}")
         self.study, self.number, self.parent_run_id = study, number, parent_run_id
         self.confirmation_seed = confirmation_seed
         self.multi_objective = len(loaded.directions) > 1
         self._goal: Any = None
+
+    @staticmethod
+    def _load(storage: str, study: str, number: int) -> tuple[optuna.Study, int]:
+        rdb = make_storage(storage)
+        settings = rdb.get_study_user_attrs(rdb.get_study_id_from_name(study)).get(PRUNER_ATTR, {"name": "none"})
+        loaded = optuna.load_study(study_name=study, storage=rdb, pruner=make_pruner(settings))
+        return loaded, next(t._trial_id for t in loaded.get_trials(deepcopy=False) if t.number == number)
 
     @classmethod
     def from_config(cls, config: Any) -> TrialLink | None:
@@ -70,7 +76,7 @@ class TrialLink:
         if self.is_confirmation or not config.prune.enabled:
             return
         pruners = config.prune.resolve()
-        self.trial.set_user_attr("plan", {
+        self._set_attr("plan", {
             "sparsity_ceiling": max(p.target_sparsity for p in pruners),
             "schedule_end_epoch": max(p.end_epoch for p in pruners),
             "epochs": config.train.finetune_epochs,
@@ -89,18 +95,23 @@ class TrialLink:
         if not run_id:
             return
         if self.is_confirmation:
-            self.study_obj.set_user_attr(f"{confirmation_attr(self.number, self.confirmation_seed)}:run", run_id)
+            key = f"{confirmation_attr(self.number, self.confirmation_seed)}:run"
+            reconnecting(lambda: self.study_obj.set_user_attr(key, run_id), f"recording {key}")
         else:
-            self.trial.set_user_attr("mlflow_run_id", run_id)
+            self._set_attr("mlflow_run_id", run_id)
 
     def on_baseline(self, val_accuracy: float) -> None:
         """The lowest val accuracy that meets the goal, now that the dense baseline is known."""
         if self._goal is not None and not self.is_confirmation:
-            self.trial.set_user_attr("goal_accuracy", goal_threshold(self._goal, val_accuracy))
+            self._set_attr("goal_accuracy", goal_threshold(self._goal, val_accuracy))
 
     def on_validation(self, epoch: int, accuracy: float) -> None:
         if self.multi_objective or self.is_confirmation:  # Optuna prunes single-objective studies only
             return
-        self.trial.report(accuracy, step=epoch)
-        if self.trial.should_prune():
+        # A report sets the epoch's value: sent again after a lost connection, it is still one report.
+        reconnecting(lambda: self.trial.report(accuracy, step=epoch), f"reporting trial {self.number}'s epoch {epoch}")
+        if reconnecting(self.trial.should_prune, f"asking the pruner about trial {self.number}"):
             raise Pruned(f"pruned by the study's pruner after epoch {epoch} (val accuracy {accuracy:.4f})")
+
+    def _set_attr(self, key: str, value: Any) -> None:
+        reconnecting(lambda: self.trial.set_user_attr(key, value), f"recording trial {self.number}'s {key}")
