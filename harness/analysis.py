@@ -25,7 +25,7 @@ def run(cfg: Config, output_dir: Path, trial: object = None) -> RunResult:
     """Measure every tensor's sensitivity (``analyze.names``, or every conv and linear weight) and report it."""
     output_dir.mkdir(parents=True, exist_ok=True)
     exp = prepare(cfg)
-    with tracked_run(exp, trial) as tracker:
+    with tracked_run(exp, output_dir, trial) as tracker:
         baseline = dense_baseline(exp, tracker, trial)
         table = measure_sensitivity(exp, baseline, tracker, cfg.analyze.names)
         _report(table, output_dir, tracker)

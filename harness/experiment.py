@@ -65,16 +65,18 @@ def prepare(cfg: Config) -> Experiment:
 
 
 @contextlib.contextmanager
-def tracked_run(exp: Experiment, trial: Any = None, resume: checkpoints.Checkpoint | None = None) -> Iterator[Tracker]:
+def tracked_run(exp: Experiment, output_dir: Path, trial: Any = None,
+                resume: checkpoints.Checkpoint | None = None) -> Iterator[Tracker]:
     """The tracked run (a new one, or the interrupted run ``resume`` continues), with the config as
     params, ended FINISHED, FAILED or KILLED with the block (:func:`finished_or_failed`).
 
-    ``trial`` (a sweep's :class:`~harness.sweep.trial.TrialLink`) adds its tags and hears the run id.
+    ``trial`` (a sweep's :class:`~harness.sweep.trial.TrialLink`) adds its tags and hears the run id; what a
+    tracking server that went away never got is kept under ``output_dir``.
     """
     cfg = exp.cfg
     tags = run_tags(cfg) | (trial.tags() if trial else {})
     tracker = make_tracker(cfg.tracking, exp.outputs, run_name=run_name(cfg), tags=tags,
-                           resume_run_id=resume.run_id if resume else None)
+                           resume_run_id=resume.run_id if resume else None, spool_dir=output_dir)
     with finished_or_failed(tracker):
         if trial:
             trial.on_run_started(tracker.run_id)

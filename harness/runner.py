@@ -65,7 +65,7 @@ def run(cfg: Config, output_dir: Path, trial: Any = None, resume: checkpoints.Ch
     if pruning is not None and cfg.prune.dry_run:
         print(report.format_plan(pruning, pruning.plan(cfg.train.finetune_epochs)), flush=True)
         return RunResult({}, None, None, output_dir)
-    with tracked_run(exp, trial, resume) as tracker:
+    with tracked_run(exp, output_dir, trial, resume) as tracker:
         baseline = dense_baseline(exp, tracker, trial)
         dense = copy.deepcopy(exp.model) if pruning is not None else None  # to measure what pruning bought
         if pruning is not None and cfg.prune.allocation == Allocation.sensitivity:

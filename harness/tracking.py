@@ -9,6 +9,7 @@ runs can live in one process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -19,14 +20,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+
 from harness.config import TrackingBackend, TrackingConfig
 from harness.errors import ConfigError, RunStopped
-from harness.mlflow_writer import writer
+from harness.mlflow_writer import kept_line, writer
+from harness.stores import MLFLOW_TABLES, check_sqlite_store
 
 _BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 _BATCH_PARAMS = 100
 _MAX_PARAM_CHARS = 6000
 _FLUSH_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -56,15 +62,18 @@ class MlflowTracker(Tracker):
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None,
                  artifact_location: str | None = None, tags: Mapping[str, str] | None = None,
-                 resume_run_id: str | None = None) -> None:
+                 resume_run_id: str | None = None, spool_dir: Path | None = None) -> None:
+        """``spool_dir``: the run's own folder, where what a tracking server that went away never got is
+        written at the end (``unsent/``); default: Hydra's output folder of this job, else the cwd."""
         self.uri = uri
         self.writer = writer()
         # The writer opens the run while this process goes on (it may still be importing MLflow);
         # calls for the run name it by this handle until its id is known.
         self._handle = uuid.uuid4().hex
         owner = {"harness.host": socket.gethostname(), "harness.pid": str(os.getpid())}
+        folder = Path(spool_dir or _hydra_output_dir() or os.getcwd()).resolve()
         self._opened = self.writer.send(self._handle, "open", uri, experiment, run_name, artifact_location,
-                                        {**owner, **(tags or {})}, resume_run_id, os.getcwd())
+                                        {**owner, **(tags or {})}, resume_run_id, os.getcwd(), str(folder))
         self._run: tuple[str, str, str] | None = None  # id, name, experiment id
         self._params: list[tuple[str, str]] = []
         self._pending: list[tuple[str, float, int, int]] = []
@@ -135,7 +144,10 @@ class MlflowTracker(Tracker):
                 if not self.writer.settle(self._opened):
                     raise self._opened.error()  # a run the store could not open has nothing to end
                 # Ended even when an earlier call of this run failed (raised once the end is stored).
-                self.writer.wait(self.writer.send(self._handle, "end", status, check=False))
+                end = self.writer.send(self._handle, "end", status, check=False)
+                if self.writer.settle(end) and end.value:  # a server away: what it never got, kept on disk
+                    log.warning("%s", kept_line(end.value))
+                self.writer.wait(end)
         finally:
             self.writer.forget(self._handle)
 
@@ -149,6 +161,11 @@ class MlflowTracker(Tracker):
             return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
         return (f"mlflow ui --backend-store-uri {_relative_sqlite_uri(self.uri)}  then open "
                 f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+
+
+def _hydra_output_dir() -> str | None:
+    """This Hydra job's output folder (the run's folder), when running under Hydra."""
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
 @contextlib.contextmanager
@@ -171,17 +188,23 @@ def finished_or_failed(tracker: Tracker) -> Iterator[None]:
 
 
 def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,
-                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None) -> Tracker:
+                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None,
+                 spool_dir: Path | None = None) -> Tracker:
+    """The run's tracker; ``spool_dir`` (the run's folder) keeps what a tracking server that went away
+    never got (see :class:`MlflowTracker`)."""
     if cfg.backend == TrackingBackend.none:
         return Tracker()
     uri = tracking_uri(cfg, outputs_dir)
+    key = "MLFLOW_TRACKING_URI" if not cfg.uri and os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
     if uri.startswith(("http://", "https://")):
-        _check_server(uri, "tracking.uri" if cfg.uri else "MLFLOW_TRACKING_URI")
+        _check_server(uri, key)
+    check_sqlite_store(uri, key, "MLflow", MLFLOW_TABLES)
     artifact_location = None
     if uri.startswith("sqlite:///") and not (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         outputs_dir.mkdir(parents=True, exist_ok=True)
         artifact_location = (outputs_dir / "mlartifacts").resolve().as_uri()  # artifacts under outputs/ too
-    return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags, resume_run_id)
+    return MlflowTracker(uri, cfg.experiment, cfg.run_name or run_name, artifact_location, tags, resume_run_id,
+                         spool_dir=spool_dir)
 
 
 def _check_server(uri: str, key: str) -> None:
