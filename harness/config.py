@@ -189,6 +189,43 @@ class TrackingConfig:
     uri: str | None = None  # a tracking server or store; default: MLFLOW_TRACKING_URI, else outputs/mlflow.db
     experiment: str = "pruning"
     run_name: str | None = None
+    # The run's model (the pruned one), logged at the end as an MLflow model: artifact `model`, with a
+    # signature and an input example. Unset: only when registering, since it costs a few seconds per run
+    # (MLflow is imported in the training process then, and the model saved), as much as a digits run.
+    log_model: bool | None = None
+    # ... and registered under this name in the store's model registry, a new version each run:
+    # load it with mlflow.pytorch.load_model("models:/<name>/<version>").
+    register_as: str | None = None
+
+    @property
+    def logs_model(self) -> bool:
+        return self.log_model if self.log_model is not None else self.register_as is not None
+
+    def __post_init__(self) -> None:
+        if self.register_as is not None and self.log_model is False:
+            _fail("tracking.register_as", self.register_as, "needs tracking.log_model=true (or unset)")
+        if self.register_as is not None and not self.register_as.strip():
+            _fail("tracking.register_as", self.register_as, "must be a non-empty name")
+
+
+@dataclass
+class DeployConfig:
+    """What a pruned run measures at its end (harness.export.deployment_report): non-zero MACs and the
+    compressed checkpoint always (cheap), the latency of the exported model against the dense one
+    when ``measure``, timed side by side for at most ``time_limit_s``."""
+
+    measure: bool = True  # false: no latency timing (and no export); MACs and the checkpoint still written
+    # The latency timing's budget, warm-up included: rounds stop when the next would not fit (one
+    # round is always timed). 10 s is a few percent of a run that trains a real model (resnet18 at
+    # 224x224: ~9 min) and a dozen rounds or more for a small one; medians over fewer rounds are noisier.
+    time_limit_s: float = 10.0
+    batch_size: int = 64  # the first images of the test split: the batch timed and MACs counted on
+
+    def __post_init__(self) -> None:
+        if not self.time_limit_s > 0:
+            _fail("deploy.time_limit_s", self.time_limit_s, "must be > 0")
+        if self.batch_size < 1:
+            _fail("deploy.batch_size", self.batch_size, "must be >= 1")
 
 
 class GoalCriterion(StrEnum):
@@ -226,6 +263,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     goal: GoalConfig = field(default_factory=GoalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     seed: int = 0
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
     lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)

@@ -33,6 +33,9 @@ SIZE_DENSE_BYTES = "size/dense_bytes"
 SIZE_COMPRESSED_BYTES = "size/compressed_bytes"
 MACS_DENSE = "macs/dense"
 MACS_NONZERO = "macs/nonzero"
+DEPLOY_BATCH_SIZE = "deploy/batch_size"  # the images in the batch timed and counted on
+DEPLOY_ROUNDS = "deploy/rounds"  # the side-by-side rounds timed; 0: latency not measured
+DEPLOY_TIMING_S = "deploy/timing_s"  # the seconds the latency timing took, warm-up included
 
 BEST_PREFIX = "best/"  # a sweep's parent run: the best trial's summary metrics
 CONFIRMED_PREFIX = "best/confirmed/"  # ... and the confirmed best's

@@ -163,13 +163,27 @@ def evaluate_and_judge(exp: Experiment, baseline: Baseline,
 
 
 def measure_deployment(exp: Experiment, dense: nn.Module, pruned: nn.Module, output_dir: Path) -> DeploymentReport:
-    """What pruning bought: latency, MACs and checkpoint size, pruned against dense."""
-    example = next(iter(exp.data.test))[0][:64].to(exp.device)
+    """What pruning bought: latency (within ``deploy.time_limit_s``, unless ``deploy.measure=false``), MACs
+    and checkpoint size, pruned against dense, on the first ``deploy.batch_size`` test images."""
+    deploy_cfg = exp.cfg.deploy
+    example = _test_images(exp, deploy_cfg.batch_size).to(exp.device)
     deploy = deployment_report(dense, pruned, example, output_dir / "pruned_model.compressed.pt",
-                               channels=exp.cfg.prune.pattern == Pattern.channel)
+                               channels=exp.cfg.prune.pattern == Pattern.channel, measure=deploy_cfg.measure,
+                               time_limit_s=deploy_cfg.time_limit_s)
     for note in deploy.notes:
         log.info(note)
     return deploy
+
+
+def _test_images(exp: Experiment, count: int) -> torch.Tensor:
+    """The first ``count`` images of the test split (fewer if it has fewer), across its batches."""
+    images, have = [], 0
+    for batch in exp.data.test:
+        images.append(batch[0][:count - have])
+        have += len(images[-1])
+        if have >= count:
+            break
+    return torch.cat(images)
 
 
 def publish(exp: Experiment, tuned: Tuned, rows: list[TensorSparsity], metrics: dict[str, float],
@@ -179,10 +193,20 @@ def publish(exp: Experiment, tuned: Tuned, rows: list[TensorSparsity], metrics: 
     tracker.log_metrics(metrics)
     tracker.flush()  # stored by the tracker's writer while the artifacts are made
     _write_artifacts(exp.cfg, tuned, rows, output_dir, tracker, metrics, verdict, deploy.notes if deploy else [])
+    model_note = None
+    if isinstance(tracker, MlflowTracker) and exp.cfg.tracking.logs_model:
+        try:  # the run's numbers and files are stored already: a model the store refuses does not fail it
+            model_note = tracker.log_model(tuned.model, _test_images(exp, 1), output_dir / "mlflow_model",
+                                           exp.cfg.tracking.register_as)
+        except Exception as err:
+            model_note = f"model: not logged to MLflow ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            log.warning("%s", model_note)
     ui = tracker.ui_command() if isinstance(tracker, MlflowTracker) else None
     print(report.format_summary(rows, metrics, verdict, baseline_note(baseline), tracker.describe(), ui), flush=True)
     if deploy is not None:
-        print(report.format_deployment(deploy.metrics), flush=True)
+        print(deploy.describe(), flush=True)
+    if model_note:
+        print(model_note, flush=True)
 
 
 def _write_artifacts(cfg: Config, tuned: Tuned, rows: list[TensorSparsity], output_dir: Path, tracker: Tracker,
@@ -198,9 +222,11 @@ def _write_artifacts(cfg: Config, tuned: Tuned, rows: list[TensorSparsity], outp
     tracker.log_artifact(output_dir / "sparsity_report.csv")
     torch.save({k: v.detach().cpu() for k, v in tuned.model.state_dict().items()}, output_dir / "pruned_model.pt")
     tracker.log_artifact(output_dir / "pruned_model.pt")
+    # The per-layer picture (sparsity per tensor, val accuracy, heatmap): an artifact, and first in summary.html.
     plot = output_dir / "curves.png" if tuned.updates else None
     if plot:
-        report.plot_curves(tuned.updates, tuned.history, plot)
+        report.plot_curves(tuned.updates, tuned.history, plot, dense_accuracy=metrics[m.BASELINE_ACCURACY],
+                           goal=cfg.goal)
         tracker.log_artifact(plot)
     report.write_summary_html(output_dir / "summary.html", run_name(cfg), rows, metrics, verdict, notes,
                               config_yaml, plot)

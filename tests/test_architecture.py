@@ -15,6 +15,7 @@ from harness.config import (
     AnalyzeConfig,
     Config,
     DatasetConfig,
+    DeployConfig,
     GoalConfig,
     ModelConfig,
     PruneConfig,
@@ -175,8 +176,8 @@ def test_the_architecture_page_names_only_modules_that_exist():
 # default (it documents the option), and then must agree with the schema; what an option changes on
 # purpose is listed here, so that a changed default cannot leave a stale copy behind.
 SCHEMAS = {"train": TrainConfig, "prune": PruneConfig, "tracking": TrackingConfig, "dataset": DatasetConfig,
-           "model": ModelConfig, "analyze": AnalyzeConfig}
-COMPLETE = {"train/default.yaml", "tracking/mlflow.yaml"}  # every field, for reading
+           "model": ModelConfig, "analyze": AnalyzeConfig, "deploy": DeployConfig}
+COMPLETE = {"train/default.yaml", "tracking/mlflow.yaml", "deploy/default.yaml"}  # every field, for reading
 CHANGED = {
     "analyze/sensitivity.yaml": {"mode"},
     "dataset/cifar10.yaml": {"name", "root", "val_fraction", "augment"},

@@ -123,7 +123,7 @@ def test_a_damaged_dense_baseline_is_set_aside_and_trained_again(tmp_path, caplo
 
 def test_a_damaged_sensitivity_table_is_set_aside_and_measured_again(tmp_path, caplog):
     args = ("analyze=sensitivity", "analyze.sparsities=[0.5,0.9]")
-    _, first = _run(tmp_path, *args)
+    _run(tmp_path, *args)
     (cached,) = (tmp_path / "outputs" / "sensitivity").glob("*.json")
     table = cached.read_text()
     cached.write_text(table[: len(table) // 2])  # cut short, as by a full disk

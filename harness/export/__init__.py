@@ -4,7 +4,8 @@ Plain PyTorch (no Hydra, MLflow or Optuna), like ``harness.pruning``; it works o
 model that :meth:`harness.pruning.Pruning.finalize` returns, whose pruned weights are exact zeros.
 
 - ``measure.py``: :func:`measure_latency`, :func:`compare_latency` (median milliseconds per forward,
-  side by side) and :func:`count_macs` (dense and non-zero multiply-adds of the conv and linear layers).
+  side by side), :func:`compare_latency_within` (the same within a time budget) and :func:`count_macs`
+  (dense and non-zero multiply-adds of the conv and linear layers).
 - ``sparse_linear.py``: :func:`sparsify_linears`, unstructured sparsity -> :class:`SparseLinear` kernels
   where they are faster than dense.
 - ``channels.py``: :func:`remove_pruned_channels`, channel pruning -> physically smaller layers
@@ -20,7 +21,7 @@ against plain ``torch.sparse``.
 
 from .channels import PrunedConv2d, ScatteredBatchNorm2d, ScatteredMaxPool2d, remove_pruned_channels
 from .compressed import CompressionReport, load_compressed, save_compressed
-from .measure import compare_latency, count_macs, measure_latency
+from .measure import LatencyComparison, compare_latency, compare_latency_within, count_macs, measure_latency
 from .report import DeploymentReport, deployment_report
 from .semi_structured import semi_structured_2to4
 from .sparse_linear import LayerChoice, SparseLinear, sparsify_linears
@@ -28,12 +29,14 @@ from .sparse_linear import LayerChoice, SparseLinear, sparsify_linears
 __all__ = [
     "CompressionReport",
     "DeploymentReport",
+    "LatencyComparison",
     "LayerChoice",
     "PrunedConv2d",
     "ScatteredBatchNorm2d",
     "ScatteredMaxPool2d",
     "SparseLinear",
     "compare_latency",
+    "compare_latency_within",
     "count_macs",
     "deployment_report",
     "load_compressed",

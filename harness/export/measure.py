@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +44,58 @@ def compare_latency(a: nn.Module, b: nn.Module, example: Example, rounds: int = 
     with _eval_mode(a), _eval_mode(b), _threads(threads), torch.inference_mode():
         ms = _interleaved_ms({"a": lambda: a(*args), "b": lambda: b(*args)}, rounds, warmup)
     return ms["a"], ms["b"]
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """:func:`compare_latency_within`'s answer: median milliseconds per forward of each model, the
+    rounds timed and the seconds the timing took, warm-up included."""
+
+    a_ms: float
+    b_ms: float
+    rounds: int
+    seconds: float
+
+
+def compare_latency_within(a: nn.Module, b: nn.Module, example: Example, time_limit_s: float,
+                           max_rounds: int = 15, warmup: int = 3, threads: int | None = None) -> LatencyComparison:
+    """:func:`compare_latency` within a time budget: ``a`` and ``b`` timed side by side (a, b, b, a, ...)
+    until ``max_rounds``, or until the next round would not fit in ``time_limit_s`` (judged by the
+    longest round so far). Warm-up counts: up to ``warmup`` calls of each, while the next fits in a
+    quarter of the budget. At least one warm-up call and one round of each are made, so a model slower
+    than the budget overruns it by about one round. Same conventions as :func:`measure_latency`.
+    """
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds={max_rounds}: must be >= 1")
+    args = _args(example)
+    fns = {"a": lambda: a(*args), "b": lambda: b(*args)}
+    start = time.perf_counter()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    with _eval_mode(a), _eval_mode(b), _threads(threads), torch.inference_mode():
+        once: dict[str, float] = {}
+        for _ in range(max(1, warmup)):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                once[name] = time.perf_counter() - t
+            if time.perf_counter() - start + sum(once.values()) > time_limit_s / 4:
+                break
+        # several calls per sample for fast models (timer jitter), from the last warm-up call
+        numbers = {name: min(1000, max(1, math.ceil(1e-3 / max(t, 1e-7)))) for name, t in once.items()}
+        longest = 0.0
+        for r in range(max_rounds):
+            round_start = time.perf_counter()
+            for name in fns if r % 2 == 0 else reversed(fns):
+                fn, number = fns[name], numbers[name]
+                t = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                samples[name].append((time.perf_counter() - t) / number)
+            longest = max(longest, time.perf_counter() - round_start)
+            if time.perf_counter() - start + longest > time_limit_s:
+                break
+    ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    return LatencyComparison(ms["a"], ms["b"], len(samples["a"]), time.perf_counter() - start)
 
 
 # -- multiply-adds ----------------------------------------------------------------------------

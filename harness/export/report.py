@@ -1,5 +1,6 @@
-"""What a run reports: the pruned model exported, timed against the dense one, its MACs counted and
-its compressed checkpoint written (:func:`deployment_report`, used by ``harness.runner``)."""
+"""What a run reports: the pruned model exported, timed against the dense one within a time budget,
+its MACs counted and its compressed checkpoint written (:func:`deployment_report`, used by
+``harness.runner``)."""
 
 from __future__ import annotations
 
@@ -12,43 +13,75 @@ from harness import metrics as m
 
 from .channels import remove_pruned_channels
 from .compressed import save_compressed
-from .measure import compare_latency, count_macs
+from .measure import compare_latency_within, count_macs
 from .sparse_linear import sparsify_linears
+
+# What was measured, beside the contract's LATENCY_*, SPEEDUP, SIZE_* and MACS_* (harness.metrics).
+MAX_ROUNDS = 15  # a median over more rounds than this changes little
+WARMUP = 3
 
 
 @dataclass(frozen=True)
 class DeploymentReport:
     """What pruning bought, measured on one batch: latency of the exported model against the
-    dense one (timed side by side), multiply-adds, and the compressed checkpoint's size."""
+    dense one (timed side by side, when measured), multiply-adds, and the compressed checkpoint's size."""
 
     metrics: dict[str, float]
     notes: list[str]
 
+    def describe(self) -> str:
+        """One line: what the pruned model costs against the dense one, and on what it was measured."""
+        ms, batch = self.metrics, int(self.metrics[m.DEPLOY_BATCH_SIZE])
+        rounds = int(ms[m.DEPLOY_ROUNDS])
+        if m.LATENCY_PRUNED_MS in ms:
+            latency = (f"{ms[m.LATENCY_PRUNED_MS]:.3f} ms vs {ms[m.LATENCY_DENSE_MS]:.3f} ms dense "
+                       f"(speedup {ms[m.SPEEDUP]:.2f}x; median of {rounds} round{'s' * (rounds != 1)} in "
+                       f"{ms[m.DEPLOY_TIMING_S]:.1f} s)")
+        else:
+            latency = "latency not measured (deploy.measure=false)"
+        return (f"deploy (batch of {batch} test images): {latency}; compressed checkpoint "
+                f"{ms[m.SIZE_COMPRESSED_BYTES] / 1e6:.2f} MB vs {ms[m.SIZE_DENSE_BYTES] / 1e6:.2f} MB; "
+                f"non-zero MACs {ms[m.MACS_NONZERO] / max(1.0, ms[m.MACS_DENSE]):.1%} of dense")
+
 
 def deployment_report(dense: nn.Module, pruned: nn.Module, example: Tensor, checkpoint: Path,
-                      channels: bool) -> DeploymentReport:
-    """Export ``pruned`` the way its sparsity allows (channels removed, or sparse linear kernels where
-    they are faster), time it against ``dense``, count MACs, and write the compressed checkpoint."""
+                      channels: bool, measure: bool = True, time_limit_s: float = 10.0) -> DeploymentReport:
+    """Count MACs of ``pruned`` on ``example`` and write its compressed checkpoint; with ``measure``,
+    also export it the way its sparsity allows (channels removed, or sparse linear kernels where
+    they are faster) and time it against ``dense`` for at most about ``time_limit_s`` seconds
+    (:func:`~harness.export.measure.compare_latency_within`)."""
     notes: list[str] = []
-    try:
-        if channels:
-            exported = remove_pruned_channels(pruned, example)
-            notes.append("export: pruned channels removed from the layers")
-        else:
-            exported, choices = sparsify_linears(pruned, example)
-            notes += [f"export: {c.name} runs {c.kind} ({c.reason})" for c in choices]
-    except Exception as err:  # a model the exporters cannot trace: measure it as it is, and say so
-        exported = pruned
-        notes.append(f"export: kept the masked model ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
-    dense_ms, pruned_ms = compare_latency(dense, exported, example, rounds=15, warmup=3)
+    metrics: dict[str, float] = {m.DEPLOY_BATCH_SIZE: float(len(example)), m.DEPLOY_ROUNDS: 0.0}
+    if measure:
+        try:
+            if channels:
+                exported = remove_pruned_channels(pruned, example)
+                notes.append("export: pruned channels removed from the layers")
+            else:
+                exported, choices = sparsify_linears(pruned, example)
+                notes += [f"export: {c.name} runs {c.kind} ({c.reason})" for c in choices]
+        except Exception as err:  # a model the exporters cannot trace: measure it as it is, and say so
+            exported = pruned
+            notes.append(f"export: kept the masked model ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})")
+        timed = compare_latency_within(dense, exported, example, time_limit_s, max_rounds=MAX_ROUNDS, warmup=WARMUP)
+        metrics |= {
+            m.LATENCY_DENSE_MS: timed.a_ms,
+            m.LATENCY_PRUNED_MS: timed.b_ms,
+            m.SPEEDUP: timed.a_ms / timed.b_ms if timed.b_ms > 0 else float("nan"),
+            m.DEPLOY_ROUNDS: float(timed.rounds),
+            m.DEPLOY_TIMING_S: timed.seconds,
+        }
+        notes.append(f"latency: median of {timed.rounds} side-by-side rounds on a batch of {len(example)}, "
+                     f"{timed.seconds:.1f} s of a {time_limit_s:g} s budget (deploy.time_limit_s)")
+    else:
+        notes.append("latency: not measured (deploy.measure=false)")
     dense_macs, nonzero_macs = count_macs(pruned, example)
     size = save_compressed(pruned, checkpoint)
-    return DeploymentReport({
-        m.LATENCY_DENSE_MS: dense_ms,
-        m.LATENCY_PRUNED_MS: pruned_ms,
-        m.SPEEDUP: dense_ms / pruned_ms if pruned_ms > 0 else float("nan"),
+    metrics |= {
         m.SIZE_DENSE_BYTES: float(size.dense_bytes),
         m.SIZE_COMPRESSED_BYTES: float(size.compressed_bytes),
         m.MACS_DENSE: float(dense_macs),
         m.MACS_NONZERO: float(nonzero_macs),
-    }, notes)
+    }
+    return DeploymentReport(metrics, notes)
