@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,21 @@ from harness.data import DataBundle, build_data
 from harness.errors import ConfigError, Interrupted
 from harness.goal import Verdict
 from harness.models import build_model
-from harness.tracking import Tracker, finished_or_failed, flatten, make_tracker
+from harness.tracking import (
+    NOTE_TAG,
+    RUN_COLOR_TAG,
+    TRIAL_PALETTE,
+    Tracker,
+    finished_or_failed,
+    flatten,
+    make_tracker,
+)
 from harness.training import evaluate, fit, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
+
+_MAX_NOTE_ROWS = 60  # tensors listed in a run's description; all of them are in sparsity_report.csv
+_MAX_NOTE_CHARS = 20000
 
 
 @dataclass(frozen=True)
@@ -125,18 +136,86 @@ def baseline_metrics(baseline: Baseline) -> dict[str, float]:
 
 
 def run_name(cfg: Config) -> str:
-    model = cfg.model.name
+    """A name that reads in MLflow's run list, the most telling fields first: a sweep trial
+    ``t03-global-magnitude-0.95`` (its trial number), a confirmation run ``t03-confirm-s2`` (its
+    fine-tuning seed), a plain run ``global-magnitude-0.95-resnet18-cifar10`` (``dense-...`` unpruned)."""
+    link = cfg.sweep_trial
+    in_sweep = bool(link.study) and link.number >= 0
+    if in_sweep and link.confirmation_seed is not None:
+        return f"t{link.number:02d}-confirm-s{link.confirmation_seed}"
+    if cfg.analyze.mode.value != "none":  # a sensitivity analysis: nothing fine-tuned
+        return f"{cfg.analyze.mode.value}-{cfg.prune.criterion.value}-{cfg.model.name}-{cfg.dataset.name}"
     if not cfg.prune.enabled:
-        return f"dense-{model}-{cfg.dataset.name}"
+        head = f"t{link.number:02d}-dense" if in_sweep else "dense"
+        return f"{head}-{cfg.model.name}-{cfg.dataset.name}"
     p = cfg.prune
-    return f"{p.pattern.value}-{p.criterion.value}-{p.target_sparsity:g}-{model}-{cfg.dataset.name}"
+    # A sampled target (a trial's): four digits tell the trials apart.
+    target = f"{len(p.pruners)}pruners" if p.pruners else f"{p.target_sparsity:{'.4g' if in_sweep else 'g'}}"
+    fields = [p.scope.value, *([p.pattern.value] if p.pattern.value != "unstructured" else []),
+              p.criterion.value, target]
+    if in_sweep:
+        return "-".join([f"t{link.number:02d}", *fields])
+    return "-".join([*fields, cfg.model.name, cfg.dataset.name])
 
 
 def run_tags(cfg: Config) -> dict[str, str]:
     p = cfg.prune
-    return {"harness.dataset": cfg.dataset.name, "harness.model": cfg.model.name,
+    tags = {"harness.dataset": cfg.dataset.name, "harness.model": cfg.model.name,
             "harness.pattern": p.pattern.value if p.enabled else "dense",
             "harness.criterion": p.criterion.value if p.enabled else "dense"}
+    if cfg.sweep_trial.study and cfg.sweep_trial.number >= 0:  # a trial and its confirmations: one colour
+        tags[RUN_COLOR_TAG] = trial_color(cfg.sweep_trial.number)
+    return tags
+
+
+def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], verdict: Verdict | None,
+                 rows: Sequence[Any], trial: Any = None) -> str:
+    """Set the run's MLflow description (``mlflow.note.content``, markdown) at the end of the run:
+    the verdict (judged on val), the final sparsity and val/test accuracy, the per-tensor sparsity and,
+    for a sweep's run, a link to the sweep's run. Returns the markdown."""
+    link = cfg.sweep_trial
+    lines = [f"### {run_name(cfg)}", ""]
+    if verdict is not None:
+        unit = "relative" if verdict.criterion.value == "relative" else "absolute"
+        lines.append(f"**Goal {'MET' if verdict.met else 'MISSED'}** (judged on val): {unit} accuracy drop "
+                     f"{verdict.drop:+.2%}, allowed {verdict.max_drop:.2%}")
+    else:
+        lines.append("**Dense run**: nothing pruned, no goal judged")
+    lines.append("")
+
+    def value(name: str) -> str:
+        return f"{metrics[name]:.4f}" if name in metrics else "-"
+
+    lines += ["| | sparsity | val accuracy | test accuracy |", "|---|---|---|---|",
+              f"| final | {value(m.FINAL_SPARSITY)} | {value(m.FINAL_ACCURACY)} | {value(m.FINAL_TEST_ACCURACY)} |",
+              f"| dense baseline | 0 | {value(m.BASELINE_ACCURACY)} | {value(m.BASELINE_TEST_ACCURACY)} |", ""]
+    if rows:
+        lines += ["| tensor | shape | sparsity |", "|---|---|---|"]
+        lines += [f"| `{r.name}` | {'x'.join(str(d) for d in r.shape)} | {r.sparsity:.4f} |"
+                  for r in rows[:_MAX_NOTE_ROWS]]
+        if len(rows) > _MAX_NOTE_ROWS:
+            lines.append(f"| ... {len(rows) - _MAX_NOTE_ROWS} more in sparsity_report.csv | | |")
+        lines.append("")
+    parent = link.parent_run_id or (getattr(trial, "parent_run_id", None) if trial else None)
+    if link.study and link.number >= 0:
+        what = (f"confirmation of trial {link.number} (train.finetune_seed={link.confirmation_seed})"
+                if link.confirmation_seed is not None else f"trial {link.number}")
+        sweep = f"[the sweep's run]({run_link(tracker, parent)})" if parent else "the sweep"
+        lines.append(f"Sweep `{link.study}`: {what} of {sweep}.")
+    text = "\n".join(lines).rstrip() + "\n"
+    tracker.set_tags({NOTE_TAG: text[:_MAX_NOTE_CHARS]})
+    return text
+
+
+def run_link(tracker: Tracker, run_id: str) -> str:
+    """The MLflow UI's address of a run of the tracker's experiment, relative to the UI's page."""
+    experiment_id = getattr(tracker, "experiment_id", None) or "0"
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def trial_color(number: int) -> str:
+    """A sweep trial's colour in MLflow's charts (the sweep's own run has :data:`SWEEP_COLOR`)."""
+    return TRIAL_PALETTE[number % len(TRIAL_PALETTE)]
 
 
 def _writable(folder: Path) -> Path:

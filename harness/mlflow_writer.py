@@ -57,6 +57,10 @@ DIED = "the process running this run died (found RUNNING at a later start)"
 # How long ending a run waits for a tracking server that is away before its held calls are
 # written under the run's folder instead; HARNESS_TRACKING_FINISH_WAIT_S overrides it.
 FINISH_WAIT_S = 30.0
+# MLflow 3's UI opens an experiment of this kind in its "Model training" view (runs, charts), not the
+# GenAI "Evaluations" one; set when the writer creates the experiment, or finds it without a chosen kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 RETRY_S = (2.0, 3.0, 5.0)  # between tries while a server is away, then every 5 s
 # MLflow's own retries of one HTTP request (7, backoff 2: minutes), in the writer process only and
 # unless set in the environment: the writer notices a server that is away in seconds and retries
@@ -374,7 +378,10 @@ class _Store:
             else:
                 found = client.get_experiment_by_name(experiment)
                 experiment_id = (found.experiment_id if found is not None else
-                                 client.create_experiment(experiment, artifact_location=artifact_location))
+                                 client.create_experiment(experiment, artifact_location=artifact_location,
+                                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+                if found is not None and not _kind_chosen(found.tags.get(EXPERIMENT_KIND_TAG)):
+                    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 run = client.create_run(experiment_id, run_name=run_name, tags=tags)
                 self.close_orphans(uri, experiment_id)
         self.runs[handle] = (uri, run.info.run_id)
@@ -446,6 +453,11 @@ class _Held:
 
 
 _GONE = "the process running this run died"
+
+
+def _kind_chosen(kind: str | None) -> bool:
+    """An experiment kind someone chose (kept), not one MLflow's UI only guessed (or none)."""
+    return bool(kind) and not kind.endswith("_inferred") and kind != "no_inferred_type"
 
 
 def _one_line(err: BaseException) -> str:

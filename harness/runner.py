@@ -25,6 +25,7 @@ from harness.experiment import (
     baseline_metrics,
     baseline_note,
     dense_baseline,
+    describe_run,
     prepare,
     run_name,
     tracked_run,
@@ -191,6 +192,7 @@ def publish(exp: Experiment, tuned: Tuned, rows: list[TensorSparsity], metrics: 
             tracker: Tracker) -> None:
     """The metrics and artifacts to the tracker, the files to ``output_dir``, the summary to the terminal."""
     tracker.log_metrics(metrics)
+    describe_run(tracker, exp.cfg, metrics, verdict, rows)  # the verdict and per-layer table, as the run's note
     tracker.flush()  # stored by the tracker's writer while the artifacts are made
     _write_artifacts(exp.cfg, tuned, rows, output_dir, tracker, metrics, verdict, deploy.notes if deploy else [])
     model_note = None

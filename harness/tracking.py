@@ -9,6 +9,7 @@ runs can live in one process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -33,6 +34,13 @@ _MAX_PARAM_CHARS = 6000
 _FLUSH_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
+
+# MLflow's display tags (mlflow/utils/mlflow_tags.py, and the UI's own constants).
+NOTE_TAG = "mlflow.note.content"  # a run's description, markdown
+RUN_COLOR_TAG = "mlflow.runColor"  # a run's colour in the UI's charts and run list, a CSS colour
+SWEEP_COLOR = "#d62728"  # a sweep's own run: red, a colour no trial gets
+TRIAL_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                 "#393b79", "#637939", "#5254a3", "#6b6ecf", "#3182bd", "#31a354", "#756bb1", "#636363")
 
 
 class Tracker:
@@ -121,6 +129,52 @@ class MlflowTracker(Tracker):
         """Copied into the run's artifacts by the writer, later: the file must not change after this."""
         self.writer.send(self._handle, "log_artifact", str(Path(path).resolve()))
 
+    def log_model(self, model: Any, example: Any, folder: Path, register_as: str | None = None) -> str:
+        """Log ``model`` (a torch module) as the run's MLflow model, artifact ``model``, its signature and
+        input example from ``example`` (a batch of inputs); with ``register_as``, also register it as a
+        new version of that model. Saved first to ``folder`` (replaced), beside the run's other files.
+        Made by this process once the writer has stored everything sent before, and done on return;
+        returns one line saying where the model is."""
+        # Late imports: MLflow takes seconds to import, which the training process otherwise never pays
+        # (its store calls are the writer's); a run pays it once, here, at its end. The writer has no
+        # call for a folder of artifacts nor the registry, so this process uploads and registers.
+        import shutil
+
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+        from mlflow.tracking import MlflowClient
+
+        model = copy.deepcopy(model).cpu().eval()
+        inputs = example.detach().cpu()
+        with torch.no_grad():
+            outputs = model(inputs)
+        signature = infer_signature(inputs.numpy(), outputs.numpy())
+        shutil.rmtree(folder, ignore_errors=True)  # save_model wants a new folder (a resumed run saves again)
+        # Pickled (MLflow's default here is torch.export, a graph fixed to the example's batch size, with
+        # no modules to read weights from): the loaded model is the pruned nn.Module, its exact zeros
+        # included; loading it needs this package installed (its model classes).
+        mlflow.pytorch.save_model(model, str(folder), signature=signature, input_example=inputs.numpy(),
+                                  serialization_format="pickle",
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        if self.uri.startswith(("http://", "https://")):
+            _check_server(self.uri, "tracking.uri")  # away: fail in seconds (MLflow's own client retries for minutes)
+        # A barrier: the writer has made every call sent before (the run is open, its files uploaded).
+        self.writer.wait(self.writer.send(self._handle, "log_batch", [], [], []))
+        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        client.log_artifacts(self.run_id, str(folder), "model")
+        client.set_tag(self.run_id, "harness.model", "model")  # the artifact path of the run's MLflow model
+        if register_as is None:
+            return f"model: logged as the run's MLflow model (artifact `model`, runs:/{self.run_id}/model)"
+        source = f"{client.get_run(self.run_id).info.artifact_uri}/model"
+        with contextlib.suppress(Exception):  # registered by an earlier run already (checked just below)
+            client.create_registered_model(register_as)
+        client.get_registered_model(register_as)
+        version = client.create_model_version(register_as, source, run_id=self.run_id).version
+        client.set_tag(self.run_id, "harness.registered_model", f"models:/{register_as}/{version}")
+        return (f"model: logged as the run's MLflow model (artifact `model`) and registered as "
+                f"models:/{register_as}/{version}")
+
     def flush(self) -> None:
         """Send the buffered params and metrics to the writer, which stores them while this process
         goes on."""
@@ -150,6 +204,29 @@ class MlflowTracker(Tracker):
                 self.writer.wait(end)
         finally:
             self.writer.forget(self._handle)
+
+    def tag_runs(self, run_ids: list[str], tags: Mapping[str, str], clear: Mapping[str, str] | None = None,
+                 among: Mapping[str, str] | None = None) -> bool:
+        """Tag other runs of this experiment (a sweep's best trials, from the sweep's run); ``clear``: tags
+        set first on the experiment's other runs that carry ``tags`` (and ``among``) now: a best that is no
+        longer one. Made from this process, at once; False (and a warning) when the store refuses."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=self.uri)
+            if clear:
+                found = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**tags, **(among or {})}.items())
+                for run in client.search_runs([self.experiment_id], filter_string=found, max_results=1000):
+                    if run.info.run_id not in run_ids:
+                        for key, value in clear.items():
+                            client.set_tag(run.info.run_id, key, value)
+            for run_id in run_ids:
+                for key, value in tags.items():
+                    client.set_tag(run_id, key, value)
+            return True
+        except Exception as err:  # the sweep's result stands without the tags
+            log.warning("could not tag MLflow runs %s: %s", ", ".join(run_ids), err)
+            return False
 
     def describe(self) -> str:
         return f"MLflow run {self.run_id} ({self.run_name}) in experiment {self.experiment_id} at {self.uri}"

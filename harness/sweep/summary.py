@@ -4,6 +4,7 @@ accuracy and the command that reproduces it, ``optimization_results.yaml``, and 
 from __future__ import annotations
 
 import csv
+import html
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,10 @@ def write_confirmations_csv(path: Path, confirmed: list[Candidate]) -> Path:
     return path
 
 
-def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: GoalConfig | None) -> list[Path]:
-    """Optimization history, accuracy against sparsity (goal line, chosen trials), importances."""
+def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: GoalConfig | None,
+             commands: dict[int, str] | None = None) -> list[Path]:
+    """Optimization history, accuracy against sparsity (goal line, chosen trials; also as an interactive
+    page, ``accuracy_vs_sparsity.html``, whose points show each trial's ``commands`` entry), importances."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +127,8 @@ def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: Goal
         path = folder / "accuracy_vs_sparsity.png"
         _plot_frontier(plt, study, complete, chosen, path, goal)
         files.append(path)
+        files.append(write_frontier_html(study, complete, chosen, folder / "accuracy_vs_sparsity.html", goal,
+                                         commands or {}))
     if len(study.directions) == 1 and complete:
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
         files.append(_save(plt, ax, folder / "optimization_history.png"))
@@ -135,6 +140,127 @@ def plot_all(study: optuna.Study, chosen: list[Chosen], folder: Path, goal: Goal
         except (RuntimeError, ValueError, ZeroDivisionError):
             pass  # importances need trials that differ in their params
     return files
+
+
+def goal_line(goal: GoalConfig, baseline: float) -> float:
+    """The lowest val accuracy that meets the goal against ``baseline``."""
+    return baseline * (1 - goal.max_drop) if goal.criterion == GoalCriterion.relative else baseline - goal.max_drop
+
+
+def write_frontier_html(study: optuna.Study, complete: list[FrozenTrial], chosen: list[Chosen], path: Path,
+                        goal: GoalConfig | None, commands: dict[int, str]) -> Path:
+    """Accuracy against sparsity as one self-contained page (inline SVG and a few lines of script, nothing
+    fetched): a point per complete trial; hovering (or clicking) one shows its number, sparsity, val and test
+    accuracy and the command that reproduces it. The goal line, the dense baseline, the chosen trials."""
+    width, height, left, right, top, bottom = 640, 380, 60, 20, 20, 50
+    best = {c.number for c in chosen}
+    points = [(t, _metric(t, FINAL_SPARSITY), _metric(t, FINAL_ACCURACY)) for t in complete]
+    points = [(t, x, y) for t, x, y in points if x == x and y == y]  # nan: no metrics recorded
+    baselines = [b for t in complete if (b := _metric(t, BASELINE_ACCURACY)) == b]
+    base = max(baselines) if baselines else None
+    threshold = goal_line(goal, base) if goal is not None and base is not None else None
+    ys = [y for _, _, y in points] + [v for v in (base, threshold) if v is not None]
+    xs = [x for _, x, _ in points]
+    x0, x1 = _span(xs or [0.0, 1.0])
+    y0, y1 = _span(ys or [0.0, 1.0])
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'aria-label="val accuracy against final sparsity">',
+           f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+           'fill="#fff" stroke="#999"/>']
+    for i in range(6):
+        gx, gy = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        svg.append(f'<line x1="{px(gx):.1f}" y1="{top}" x2="{px(gx):.1f}" y2="{height - bottom}" stroke="#eee"/>'
+                   f'<text x="{px(gx):.1f}" y="{height - bottom + 16}" text-anchor="middle" '
+                   f'font-size="11">{gx:.3f}</text>')
+        svg.append(f'<line x1="{left}" y1="{py(gy):.1f}" x2="{width - right}" y2="{py(gy):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{py(gy) + 4:.1f}" text-anchor="end" font-size="11">{gy:.3f}</text>')
+    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle" font-size="12">'
+               'final sparsity (counted from the weights)</text>')
+    svg.append(f'<text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" text-anchor="middle" '
+               'font-size="12">val accuracy</text>')
+    legend = []
+    if threshold is not None and goal is not None:
+        svg.append(f'<line x1="{left}" y1="{py(threshold):.1f}" x2="{width - right}" y2="{py(threshold):.1f}" '
+                   'stroke="#555" stroke-dasharray="6 4"/>')
+        legend.append(f'<span class="sw goal"></span>accuracy goal ({goal.criterion.value} drop '
+                      f'{goal.max_drop:g}): {threshold:.4f}')
+    if base is not None:
+        svg.append(f'<line x1="{left}" y1="{py(base):.1f}" x2="{width - right}" y2="{py(base):.1f}" '
+                   'stroke="#555" stroke-dasharray="2 3"/>')
+        legend.append(f'<span class="sw base"></span>dense baseline: {base:.4f}')
+    rows = []
+    for trial, x, y in sorted(points, key=lambda p: p[0].number):
+        test = _metric(trial, FINAL_TEST_ACCURACY)
+        name = f"t{trial.number:02d}"
+        ok = is_feasible(trial)
+        command = commands.get(trial.number, "")
+        info = (f"trial {trial.number} ({name}){' - best' if trial.number in best else ''}\n"
+                f"sparsity {x:.4f}, val {y:.4f}, test {test:.4f}, goal {'met' if ok else 'missed'}"
+                + (f"\nreproduce: {command}" if command else ""))
+        colour = "crimson" if trial.number in best else ("#1f77b4" if ok else "#888")
+        radius = 8 if trial.number in best else 5
+        shape = (f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{colour}" fill-opacity="0.85"/>'
+                 if ok else
+                 f'<path d="M{px(x) - 5:.1f} {py(y) - 5:.1f}l10 10m0 -10l-10 10" stroke="{colour}" '
+                 'stroke-width="2.5"/>')
+        svg.append(f'<g class="pt" data-info="{html.escape(info)}" tabindex="0"><title>{html.escape(info)}</title>'
+                   f'{shape}<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="10" fill="transparent"/></g>')
+        rows.append(f"<tr><td>{name}</td><td>{x:.4f}</td><td>{y:.4f}</td><td>{test:.4f}</td>"
+                    f"<td>{'met' if ok else 'missed'}{' (best)' if trial.number in best else ''}</td>"
+                    f"<td><code>{html.escape(command)}</code></td></tr>")
+    svg.append("</svg>")
+    legend += ['<span class="sw ok"></span>meets the goal', '<span class="sw miss">&#215;</span>misses the goal',
+               f'<span class="sw best"></span>{"Pareto front" if len(study.directions) > 1 else "best trial"}']
+    title = f"Study {html.escape(study.study_name)}: accuracy against sparsity"
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 16px; color: #222; }}
+.wrap {{ display: flex; gap: 16px; align-items: flex-start; flex-wrap: wrap; }}
+.legend div {{ margin: 4px 0; font-size: 13px; }}
+.sw {{ display: inline-block; width: 18px; margin-right: 6px; text-align: center; color: #888; }}
+.sw.goal {{ border-top: 2px dashed #555; height: 0; vertical-align: middle; }}
+.sw.base {{ border-top: 2px dotted #555; height: 0; vertical-align: middle; }}
+.sw.ok {{ width: 10px; height: 10px; border-radius: 50%; background: #1f77b4; margin: 0 10px 0 4px; }}
+.sw.best {{ width: 14px; height: 14px; border-radius: 50%; background: crimson; margin: 0 8px 0 2px; }}
+#info {{ white-space: pre-wrap; font-family: monospace; font-size: 12px; background: #f6f6f6; padding: 8px;
+  min-height: 4em; max-width: 900px; word-break: break-all; }}
+.pt {{ cursor: pointer; }} .pt:hover circle:first-child, .pt:focus circle:first-child {{ stroke: #000; }}
+table {{ border-collapse: collapse; font-size: 12px; margin-top: 12px; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; }}
+</style></head><body>
+<h3>{title}</h3>
+<div class="wrap">{"".join(svg)}
+<div class="legend">{"".join(f"<div>{item}</div>" for item in legend)}</div></div>
+<p>Hover over (or click) a point: its trial, metrics and the command that reproduces it.</p>
+<div id="info"></div>
+<table><tr><th>trial</th><th>sparsity</th><th>val accuracy</th><th>test accuracy</th><th>goal</th>
+<th>reproduce</th></tr>{"".join(rows)}</table>
+<script>
+var info = document.getElementById("info");
+document.querySelectorAll(".pt").forEach(function (p) {{
+  var show = function () {{ info.textContent = p.getAttribute("data-info"); }};
+  p.addEventListener("mouseenter", show); p.addEventListener("click", show); p.addEventListener("focus", show);
+}});
+</script>
+</body></html>
+"""
+    path.write_text(page)
+    return path
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    """The axis range around ``values``, with a margin."""
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.08 or 0.05
+    return low - pad, high + pad
 
 
 def _plot_frontier(plt: Any, study: optuna.Study, complete: list[FrozenTrial], chosen: list[Chosen],

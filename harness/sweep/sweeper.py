@@ -25,8 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, TrackingConfig
 from harness.errors import ConfigError, HarnessError
-from harness.metrics import BEST_PREFIX, CONFIRMED_PREFIX
-from harness.sweep.command import Compose, job_config, run_overrides
+from harness.metrics import BEST_PREFIX, CONFIRMED_PREFIX, FINAL_ACCURACY, FINAL_SPARSITY, FINAL_TEST_ACCURACY, GOAL_MET
+from harness.sweep.command import Compose, job_config, run_overrides, trial_command
 from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
@@ -39,8 +39,16 @@ from harness.sweep.study import (
     opening_storage,
     study_lock,
 )
-from harness.sweep.summary import describe, plot_all, write_confirmations_csv, write_results
-from harness.tracking import MlflowTracker, Tracker, finished_or_failed, make_tracker
+from harness.sweep.summary import Chosen, describe, plot_all, write_confirmations_csv, write_results
+from harness.tracking import (
+    NOTE_TAG,
+    RUN_COLOR_TAG,
+    SWEEP_COLOR,
+    MlflowTracker,
+    Tracker,
+    finished_or_failed,
+    make_tracker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +253,13 @@ def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: 
         return None
     existing = study.user_attrs.get("mlflow_parent_run_id")
     tags = {"optuna.study": settings.study_name, "optuna.storage": settings.storage, "harness.sweep": "parent",
-            "harness.study_identity": identity.digest()}
+            "harness.study_identity": identity.digest(), RUN_COLOR_TAG: SWEEP_COLOR,
+            NOTE_TAG: f"### Sweep `{settings.study_name}`\n\nRunning: {settings.n_trials} trials, nested under this "
+                      "run. Its result (the best trial, its metrics and a link to its run) is written here at the end."}
     tracker = make_tracker(tracking, outputs_dir, run_name=f"sweep-{settings.study_name}", tags=tags,
                            resume_run_id=existing)
+    if existing and tracker.run_id == existing:  # reopened: its tags are the ones it was created with
+        tracker.set_tags({RUN_COLOR_TAG: SWEEP_COLOR})
     if tracker.run_id and tracker.run_id != existing:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
         tracker.log_params({"sweep.n_trials": settings.n_trials, "sweep.objectives": settings.objectives,
@@ -287,19 +299,26 @@ def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir:
     results = sweep_dir / "optimization_results.yaml"
     write_results(results, study, chosen, identity, confirmed)
     (sweep_dir / "study_identity.yaml").write_text(yaml.safe_dump(identity.as_dict(), sort_keys=False))
-    files = [results, sweep_dir / "study_identity.yaml", *plot_all(study, chosen, sweep_dir, goal)]
+    commands = {t.number: trial_command(base, space.to_overrides({**t.params, **space.fixed}))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    files = [results, sweep_dir / "study_identity.yaml", *plot_all(study, chosen, sweep_dir, goal, commands)]
     if confirmed:
         files.append(write_confirmations_csv(sweep_dir / "confirmations.csv", confirmed))
     for path in files:
         parent.log_artifact(path)
     if chosen:
         top = chosen[0]
-        parent.log_metrics({f"{BEST_PREFIX}{k}": v for k, v in top.metrics.items()})
+        # Under the trials' own names too: the parent's row reads like its best trial's in MLflow's run list.
+        parent.log_metrics({**top.metrics, **{f"{BEST_PREFIX}{k}": v for k, v in top.metrics.items()}})
         if best is not None:
             parent.log_metrics({f"{CONFIRMED_PREFIX}{k}": v for k, v in best.summary().items()
                                 if isinstance(v, float)})
         parent.set_tags({"best.trial_number": str(top.number), "best.command": top.command[:5000],
-                         "best.mlflow_run_id": top.mlflow_run_id or ""})
+                         "best.mlflow_run_id": top.mlflow_run_id or "", "best.run_id": top.mlflow_run_id or ""})
+    if isinstance(parent, MlflowTracker):
+        parent.tag_runs([c.mlflow_run_id for c in chosen if c.mlflow_run_id], {"harness.best": "true"},
+                        clear={"harness.best": "false"}, among={"mlflow.parentRunId": parent.run_id})
+    parent.set_tags({NOTE_TAG: sweep_description(study, chosen, confirmed, best, parent)})
     counts = {s.name.lower(): n for s in TrialState
               if (n := len(study.get_trials(deepcopy=False, states=(s,)))) and s != TrialState.WAITING}
     lines = [f"sweep {study.study_name}: {len(study.trials)} trials "
@@ -321,6 +340,55 @@ def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir:
     if isinstance(parent, MlflowTracker):
         lines.append(f"MLflow: {parent.describe()}")
     print("\n".join(lines), flush=True)
+
+
+def sweep_description(study: optuna.Study, chosen: list[Chosen], confirmed: list[Candidate],
+                      best: Candidate | None, parent: Tracker) -> str:
+    """The sweep run's MLflow description (markdown): its trials, the best (linked to its run) with its
+    metrics, verdict and reproduce command, the confirmation runs, where the plots are."""
+    experiment_id = getattr(parent, "experiment_id", None) or "0"
+
+    def link(text: str, run_id: str | None) -> str:
+        return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else text
+
+    def num(metrics: dict[str, float], name: str) -> str:
+        return f"{metrics[name]:.4f}" if name in metrics else "-"
+
+    counts = {s.name.lower(): n for s in TrialState
+              if (n := len(study.get_trials(deepcopy=False, states=(s,)))) and s != TrialState.WAITING}
+    lines = [f"### Sweep `{study.study_name}`", "",
+             f"{len(study.trials)} trials ({', '.join(f'{n} {state}' for state, n in counts.items())}), "
+             "nested under this run.", ""]
+    if not chosen:
+        lines.append("**No trial meets the accuracy goal**" + (" on the mean of its runs" if confirmed else "") + ".")
+    multi = len(chosen) > 1
+    if chosen:
+        lines += ["**Pareto front**:" if multi else "**Best trial**:", "",
+                  "| trial | sparsity | val accuracy | test accuracy | goal (val) |", "|---|---|---|---|---|"]
+    for c in chosen:
+        met = c.metrics.get(GOAL_MET)
+        verdict = "-" if met is None else ("MET" if met else "MISSED")
+        lines.append(f"| {link(f't{c.number:02d}', c.mlflow_run_id)} | {num(c.metrics, FINAL_SPARSITY)} | "
+                     f"{num(c.metrics, FINAL_ACCURACY)} | {num(c.metrics, FINAL_TEST_ACCURACY)} | {verdict} |")
+    if chosen:
+        lines += ["", "This run's `final/...` and `goal/...` metrics are the best trial's (also as `best/...`)"
+                  + (", the first of the front's" if multi else "") + ".", ""]
+        for c in chosen:
+            lines += [f"Reproduce trial {c.number}:", "", f"    {c.command}", ""]
+    if confirmed:
+        lines += ["**Confirmation** (other fine-tuning seeds, the goal judged on the mean val accuracy):", "",
+                  "| trial | runs (val accuracy) | mean val | mean test | goal on the mean |", "|---|---|---|---|---|"]
+        for c in confirmed:
+            runs = ", ".join(link("-" if r.val_accuracy is None else f"{r.val_accuracy:.4f}", r.mlflow_run_id)
+                             for r in c.runs)
+            mean, test = c.mean("val_accuracy"), c.mean("test_accuracy")
+            lines.append(f"| t{c.trial.number:02d}{' (best)' if c is best else ''} | {runs} | "
+                         f"{'-' if mean is None else f'{mean:.4f}'} | {'-' if test is None else f'{test:.4f}'} | "
+                         f"{'MET' if c.holds else 'MISSED'} |")
+        lines.append("")
+    lines.append("Plots in this run's artifacts: `accuracy_vs_sparsity.html` (interactive: hover a point for its "
+                 "trial and command), `accuracy_vs_sparsity.png`, `optimization_history.png`.")
+    return "\n".join(lines)[:20000] + "\n"
 
 
 def _confirmation_lines(confirmed: list[Candidate], best: Candidate | None) -> list[str]:
