@@ -29,8 +29,9 @@ def start(args, outputs, run_dir):
                             start_new_session=True)  # its own process group, with its MLflow writer
 
 
-def wait_for(process, text, timeout=180):
-    seen = []
+def wait_for(process, text, timeout=180, seen=None):
+    """Read the process's output until a line holds ``text``; what was read so far (also kept in ``seen``)."""
+    seen = [] if seen is None else seen
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -39,6 +40,7 @@ def wait_for(process, text, timeout=180):
         seen.append(line)
         if text in line:
             return "".join(seen)
+    process.kill()
     raise AssertionError(f"never saw {text!r}:\n{''.join(seen)[-3000:]}")
 
 

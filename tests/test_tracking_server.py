@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from harness.tracking import MlflowTracker
 
 from .conftest import REPO
+from .test_interrupts import wait_for
 
 STEPS_PER_EPOCH = 20  # 1257 training digits / batch 64
 SERVER_START_S = 90
@@ -95,19 +96,6 @@ def start_run(args: list[str], outputs: Path, finish_wait_s: int) -> subprocess.
                             start_new_session=True)
 
 
-def read_until(process: subprocess.Popen, text: str, seen: list[str], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if text in line:
-            return
-    process.kill()
-    raise AssertionError(f"never saw {text!r}:\n{''.join(seen)[-3000:]}")
-
-
 def the_run(url: str):
     client = MlflowClient(tracking_uri=url)
     (run,) = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
@@ -140,7 +128,7 @@ def test_a_server_stopped_for_20_s_mid_run_loses_no_metric_and_the_run_finishes(
     t0 = time.monotonic()
     process = start_run(args, tmp_path / "out", finish_wait_s=120)
     seen: list[str] = []
-    read_until(process, "prune epoch 1/", seen)
+    wait_for(process, "prune epoch 1/", seen=seen)
     server.stop()
     t_down = time.monotonic()
     time.sleep(DOWN_S)
@@ -171,7 +159,7 @@ def test_a_server_that_never_returns_leaves_the_run_in_its_folder_to_send_later(
     args = ["train.epochs=1", f"train.finetune_epochs={epochs}", "prune.end_epoch=4", f"tracking.uri={server.url}"]
     process = start_run(args, tmp_path / "out", finish_wait_s=6)
     seen: list[str] = []
-    read_until(process, "prune epoch 1/", seen)
+    wait_for(process, "prune epoch 1/", seen=seen)
     server.stop()
     rest, _ = process.communicate(timeout=240)
     out = "".join(seen) + rest
