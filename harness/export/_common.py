@@ -55,10 +55,14 @@ def _calls_per_sample(fn: Callable[[], Any], min_sample_s: float = 1e-3) -> int:
     """How many calls one timing sample makes, so that a sample is not dominated by timer jitter."""
     start = time.perf_counter()
     fn()
-    once = time.perf_counter() - start
-    if once >= min_sample_s:
+    return _calls_for(time.perf_counter() - start, min_sample_s)
+
+
+def _calls_for(once_s: float, min_sample_s: float = 1e-3) -> int:
+    """:func:`_calls_per_sample` for a call known to take ``once_s`` seconds."""
+    if once_s >= min_sample_s:
         return 1
-    return min(1000, math.ceil(min_sample_s / max(once, 1e-7)))
+    return min(1000, math.ceil(min_sample_s / max(once_s, 1e-7)))
 
 
 def _interleaved_ms(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, float]:
@@ -73,16 +77,30 @@ def _interleaved_ms(fns: Mapping[str, Callable[[], Any]], rounds: int, warmup: i
         for _ in range(max(0, warmup)):
             fn()
     numbers = {name: _calls_per_sample(fn) for name, fn in fns.items()}
+    samples = _timed_rounds(fns, numbers, rounds)
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def _timed_rounds(fns: Mapping[str, Callable[[], Any]], numbers: Mapping[str, int], rounds: int,
+                  until: float | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round, in turns (a, b, then b, a, ...); with
+    ``until`` (a ``time.perf_counter()`` value), no round starts that would end past it, judged by the
+    longest round so far (the first round always runs)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
+    longest = 0.0
     for r in range(rounds):
+        round_start = time.perf_counter()
         for name in order if r % 2 == 0 else reversed(order):
             fn, number = fns[name], numbers[name]
             start = time.perf_counter()
             for _ in range(number):
                 fn()
             samples[name].append((time.perf_counter() - start) / number)
-    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+        longest = max(longest, time.perf_counter() - round_start)
+        if until is not None and time.perf_counter() + longest > until:
+            break
+    return samples
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import Example, _args, _eval_mode, _interleaved_ms, _threads
+from ._common import Example, _args, _calls_for, _eval_mode, _interleaved_ms, _threads, _timed_rounds
 from .sparse_linear import SparseLinear
 
 # -- latency ----------------------------------------------------------------------------------
@@ -70,7 +69,6 @@ def compare_latency_within(a: nn.Module, b: nn.Module, example: Example, time_li
     args = _args(example)
     fns = {"a": lambda: a(*args), "b": lambda: b(*args)}
     start = time.perf_counter()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
     with _eval_mode(a), _eval_mode(b), _threads(threads), torch.inference_mode():
         once: dict[str, float] = {}
         for _ in range(max(1, warmup)):
@@ -81,19 +79,8 @@ def compare_latency_within(a: nn.Module, b: nn.Module, example: Example, time_li
             if time.perf_counter() - start + sum(once.values()) > time_limit_s / 4:
                 break
         # several calls per sample for fast models (timer jitter), from the last warm-up call
-        numbers = {name: min(1000, max(1, math.ceil(1e-3 / max(t, 1e-7)))) for name, t in once.items()}
-        longest = 0.0
-        for r in range(max_rounds):
-            round_start = time.perf_counter()
-            for name in fns if r % 2 == 0 else reversed(fns):
-                fn, number = fns[name], numbers[name]
-                t = time.perf_counter()
-                for _ in range(number):
-                    fn()
-                samples[name].append((time.perf_counter() - t) / number)
-            longest = max(longest, time.perf_counter() - round_start)
-            if time.perf_counter() - start + longest > time_limit_s:
-                break
+        numbers = {name: _calls_for(t) for name, t in once.items()}
+        samples = _timed_rounds(fns, numbers, max_rounds, until=start + time_limit_s)
     ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
     return LatencyComparison(ms["a"], ms["b"], len(samples["a"]), time.perf_counter() - start)
 
