@@ -25,6 +25,8 @@ from harness.data import DataBundle, build_data
 from harness.errors import ConfigError, Interrupted
 from harness.goal import Verdict
 from harness.models import build_model
+from harness.pruning import TensorSparsity
+from harness.report import shape_text
 from harness.tracking import (
     NOTE_TAG,
     RUN_COLOR_TAG,
@@ -169,7 +171,7 @@ def run_tags(cfg: Config) -> dict[str, str]:
 
 
 def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], verdict: Verdict | None,
-                 rows: Sequence[Any], trial: Any = None) -> str:
+                 rows: Sequence[TensorSparsity]) -> str:
     """Set the run's MLflow description (``mlflow.note.content``, markdown) at the end of the run:
     the verdict (judged on val), the final sparsity and val/test accuracy, the per-tensor sparsity and,
     for a sweep's run, a link to the sweep's run. Returns the markdown."""
@@ -191,12 +193,12 @@ def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], ve
               f"| dense baseline | 0 | {value(m.BASELINE_ACCURACY)} | {value(m.BASELINE_TEST_ACCURACY)} |", ""]
     if rows:
         lines += ["| tensor | shape | sparsity |", "|---|---|---|"]
-        lines += [f"| `{r.name}` | {'x'.join(str(d) for d in r.shape)} | {r.sparsity:.4f} |"
+        lines += [f"| `{r.name}` | {shape_text(r)} | {r.sparsity:.4f} |"
                   for r in rows[:_MAX_NOTE_ROWS]]
         if len(rows) > _MAX_NOTE_ROWS:
             lines.append(f"| ... {len(rows) - _MAX_NOTE_ROWS} more in sparsity_report.csv | | |")
         lines.append("")
-    parent = link.parent_run_id or (getattr(trial, "parent_run_id", None) if trial else None)
+    parent = link.parent_run_id
     if link.study and link.number >= 0:
         what = (f"confirmation of trial {link.number} (train.finetune_seed={link.confirmation_seed})"
                 if link.confirmation_seed is not None else f"trial {link.number}")

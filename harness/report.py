@@ -36,9 +36,9 @@ def format_summary(
 ) -> str:
     """The end-of-run summary: per-layer table, accuracies on val and test, verdict, where to look."""
     name_w = max([len("tensor")] + [len(r.name) for r in rows])
-    shape_w = max([len("shape")] + [len(_shape(r)) for r in rows])
+    shape_w = max([len("shape")] + [len(shape_text(r)) for r in rows])
     lines = [f"{'tensor':<{name_w}}  {'shape':<{shape_w}}  {'params':>10}  {'sparsity':>8}"]
-    lines += [f"{r.name:<{name_w}}  {_shape(r):<{shape_w}}  {r.numel:>10,}  {r.sparsity:>8.2%}" for r in rows]
+    lines += [f"{r.name:<{name_w}}  {shape_text(r):<{shape_w}}  {r.numel:>10,}  {r.sparsity:>8.2%}" for r in rows]
     total = sum(r.numel for r in rows)
     lines.append(f"{'overall':<{name_w}}  {'':<{shape_w}}  {total:>10,}  {overall_sparsity(rows):>8.2%}")
     lines += [
@@ -55,15 +55,6 @@ def format_summary(
     if ui_command:
         lines.append(f"view: {ui_command}")
     return "\n".join(lines)
-
-
-def format_deployment(metrics: dict[str, float]) -> str:
-    """One line: what the pruned model costs against the dense one, as measured."""
-    return (f"deploy (batch of the test split): {metrics[m.LATENCY_PRUNED_MS]:.3f} ms vs "
-            f"{metrics[m.LATENCY_DENSE_MS]:.3f} ms dense (speedup {metrics[m.SPEEDUP]:.2f}x); "
-            f"compressed checkpoint {metrics[m.SIZE_COMPRESSED_BYTES] / 1e6:.2f} MB vs "
-            f"{metrics[m.SIZE_DENSE_BYTES] / 1e6:.2f} MB; non-zero MACs "
-            f"{metrics[m.MACS_NONZERO] / max(1.0, metrics[m.MACS_DENSE]):.1%} of dense")
 
 
 def format_plan(pruning: Pruning, planned: Sequence[PlannedUpdate]) -> str:
@@ -231,7 +222,7 @@ def write_summary_html(path: Path, title: str, rows: Sequence[TensorSparsity], m
         ["dense", metric(m.BASELINE_ACCURACY), metric(m.BASELINE_TEST_ACCURACY)],
         ["pruned", metric(m.FINAL_ACCURACY), metric(m.FINAL_TEST_ACCURACY)]])
     layers = table(["tensor", "shape", "parameters", "zeros", "sparsity"],
-                   [[r.name, _shape(r), f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}"] for r in rows]
+                   [[r.name, shape_text(r), f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}"] for r in rows]
                    + [["overall", "", f"{sum(r.numel for r in rows):,}", f"{sum(r.zeros for r in rows):,}",
                        f"{overall_sparsity(rows):.2%}"]])
     deploy_rows = [[label, metric(dense), metric(pruned),
@@ -269,5 +260,6 @@ def write_summary_html(path: Path, title: str, rows: Sequence[TensorSparsity], m
         "</body></html>")
 
 
-def _shape(row: TensorSparsity) -> str:
+def shape_text(row: TensorSparsity) -> str:
+    """A tensor's shape as people write it: ``64x32x3x3``."""
     return "x".join(map(str, row.shape))
