@@ -35,6 +35,7 @@ from harness.tracking import (
     finished_or_failed,
     flatten,
     make_tracker,
+    ui_run_page,
 )
 from harness.training import evaluate, fit, resolve_device, seed_everything
 
@@ -171,12 +172,13 @@ def run_tags(cfg: Config) -> dict[str, str]:
 
 
 def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], verdict: Verdict | None,
-                 rows: Sequence[TensorSparsity]) -> str:
+                 rows: Sequence[TensorSparsity], picture: str | None = None) -> str:
     """Set the run's MLflow description (``mlflow.note.content``, markdown) at the end of the run:
-    the verdict (judged on val), the final sparsity and val/test accuracy, the per-tensor sparsity and,
-    for a sweep's run, a link to the sweep's run. Returns the markdown."""
+    the verdict (judged on val), the per-layer picture (the run's artifact ``picture``), the final sparsity
+    and val/test accuracy, the per-tensor sparsity and, for a sweep's run, a link to the sweep's run.
+    Returns the markdown."""
     link = cfg.sweep_trial
-    lines = [f"### {run_name(cfg)}", ""]
+    lines = []  # no title: the page shows the run's name above, and the collapsed description is short
     if verdict is not None:
         unit = "relative" if verdict.criterion.value == "relative" else "absolute"
         lines.append(f"**Goal {'MET' if verdict.met else 'MISSED'}** (judged on val): {unit} accuracy drop "
@@ -184,6 +186,12 @@ def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], ve
     else:
         lines.append("**Dense run**: nothing pruned, no goal judged")
     lines.append("")
+    run_id = getattr(tracker, "run_id", None)
+    if picture and run_id:
+        # The description is the top of the run's page in the MLflow UI, so the per-layer story shows first
+        # there; the address is the tracking server's artifact route, relative to the UI's page.
+        lines += [f"![per-layer sparsity, val accuracy and the layer-by-update heatmap]"
+                  f"(get-artifact?path={picture}&run_uuid={run_id})", ""]
 
     def value(name: str) -> str:
         return f"{metrics[name]:.4f}" if name in metrics else "-"
@@ -211,8 +219,7 @@ def describe_run(tracker: Tracker, cfg: Config, metrics: Mapping[str, float], ve
 
 def run_link(tracker: Tracker, run_id: str) -> str:
     """The MLflow UI's address of a run of the tracker's experiment, relative to the UI's page."""
-    experiment_id = getattr(tracker, "experiment_id", None) or "0"
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    return ui_run_page(getattr(tracker, "experiment_id", None) or "0", run_id)
 
 
 def trial_color(number: int) -> str:

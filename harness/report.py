@@ -15,6 +15,8 @@ from harness.goal import Verdict, goal_threshold
 from harness.pruning import MaskUpdate, PlannedUpdate, Pruning, TensorSparsity, overall_sparsity
 from harness.training import EpochResult
 
+CURVES = "curves.png"  # the per-layer picture: an artifact of every pruned run, first in summary.html
+
 
 def write_sparsity_csv(rows: Sequence[TensorSparsity], path: Path) -> None:
     with open(path, "w", newline="") as f:

@@ -192,7 +192,8 @@ def publish(exp: Experiment, tuned: Tuned, rows: list[TensorSparsity], metrics: 
             tracker: Tracker) -> None:
     """The metrics and artifacts to the tracker, the files to ``output_dir``, the summary to the terminal."""
     tracker.log_metrics(metrics)
-    describe_run(tracker, exp.cfg, metrics, verdict, rows)  # the verdict and per-layer table, as the run's note
+    # the verdict, per-layer picture and table, as the run's note
+    describe_run(tracker, exp.cfg, metrics, verdict, rows, picture=report.CURVES if tuned.updates else None)
     tracker.flush()  # stored by the tracker's writer while the artifacts are made
     _write_artifacts(exp.cfg, tuned, rows, output_dir, tracker, metrics, verdict, deploy.notes if deploy else [])
     model_note = None
@@ -225,7 +226,7 @@ def _write_artifacts(cfg: Config, tuned: Tuned, rows: list[TensorSparsity], outp
     torch.save({k: v.detach().cpu() for k, v in tuned.model.state_dict().items()}, output_dir / "pruned_model.pt")
     tracker.log_artifact(output_dir / "pruned_model.pt")
     # The per-layer picture (sparsity per tensor, val accuracy, heatmap): an artifact, and first in summary.html.
-    plot = output_dir / "curves.png" if tuned.updates else None
+    plot = output_dir / report.CURVES if tuned.updates else None
     if plot:
         report.plot_curves(tuned.updates, tuned.history, plot, dense_accuracy=metrics[m.BASELINE_ACCURACY],
                            goal=cfg.goal)

@@ -233,11 +233,17 @@ class MlflowTracker(Tracker):
 
     def ui_command(self) -> str | None:
         """The command that opens the MLflow UI on this store, and the run's address in it."""
+        page = ui_run_page(self.experiment_id, self.run_id)
         if not self.uri.startswith("sqlite:"):
-            base = self.uri.rstrip("/")
-            return f"open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return (f"mlflow ui --backend-store-uri {_relative_sqlite_uri(self.uri)}  then open "
-                f"http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+            return f"open {self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {_relative_sqlite_uri(self.uri)}  then open http://127.0.0.1:5000/{page}"
+
+
+def ui_run_page(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, relative to the UI's address. MLflow 3's UI keeps its GenAI / Model
+    training switch in the browser (GenAI unless chosen), not from the experiment's kind: the
+    ``workflowType`` parameter opens the page in "Model training", with the run's model metrics."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _hydra_output_dir() -> str | None:
@@ -262,6 +268,24 @@ def finished_or_failed(tracker: Tracker) -> Iterator[None]:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
+
+
+def fail_run(uri: str, run_id: str, reason: str) -> bool:
+    """End another process's run FAILED, with ``reason`` as its ``error`` tag, if it is still RUNNING: a
+    sweep trial's run lost with its machine, which no process of that machine will end. False (and a
+    warning) when the store cannot do it."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "error", reason[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        return True
+    except Exception as err:  # the sweep goes on; the run stays as it was
+        log.warning("could not end MLflow run %s as FAILED: %s", run_id, str(err).splitlines()[0][:300])
+        return False
 
 
 def make_tracker(cfg: TrackingConfig, outputs_dir: Path, run_name: str,

@@ -53,14 +53,19 @@ def test_describe_run_writes_the_verdict_metrics_and_tensor_table(sqlite_uri):
     verdict = judge(cfg.goal, 0.97, 0.95)
     rows = [TensorSparsity("conv1.weight", (16, 1, 3, 3), 144, 130), TensorSparsity("fc.weight", (10, 64), 640, 576)]
     tracker = MlflowTracker(sqlite_uri, "pruning", run_name=run_name(cfg))
-    text = describe_run(tracker, cfg, metrics, verdict, rows)
+    text = describe_run(tracker, cfg, metrics, verdict, rows, picture="curves.png")
     tracker.finish()
     run = MlflowClient(tracking_uri=sqlite_uri).get_run(tracker.run_id)
     assert run.data.tags[NOTE_TAG] == text
     assert "**Goal MISSED** (judged on val)" in text and "allowed 1.00%" in text
     assert "| final | 0.9000 | 0.9500 | 0.9400 |" in text
     assert "| `conv1.weight` | 16x1x3x3 | 0.9028 |" in text and "| `fc.weight` | 10x64 | 0.9000 |" in text
-    assert f"(#/experiments/{tracker.experiment_id}/runs/abc123)" in text and "trial 4" in text
+    assert f"(#/experiments/{tracker.experiment_id}/runs/abc123?workflowType=machine_learning)" in text
+    assert "trial 4" in text
+    # The per-layer picture right under the verdict: the top of the run's page in the MLflow UI.
+    first_lines = text.splitlines()[:3]
+    assert f"(get-artifact?path=curves.png&run_uuid={tracker.run_id})" in first_lines[2], first_lines
+    assert "get-artifact" not in describe_run(tracker, cfg, metrics, verdict, rows)  # no picture, no image
 
 
 @pytest.mark.slow
@@ -77,6 +82,8 @@ def test_a_run_reads_in_mlflow_with_a_name_kind_and_description(tmp_path):
     assert f"**Goal {verdict}** (judged on val)" in note
     assert f"| final | {run.data.metrics['final/sparsity']:.4f} |" in note
     assert "| tensor | shape | sparsity |" in note and "| `classifier.3.weight` | 10x128 |" in note
+    assert f"(get-artifact?path=curves.png&run_uuid={run.info.run_id})" in note
+    assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow

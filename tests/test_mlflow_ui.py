@@ -80,6 +80,7 @@ ARTIFACTS = REPO / "outputs" / "test-artifacts"
 DOCS_SCREENSHOT = REPO / "docs" / "mlflow-ui.png"
 
 FAST = ["train.epochs=2", "train.finetune_epochs=3", "prune.end_epoch=2"]
+REGISTERED = "ui-digits-pruned"  # the single run registers its pruned model under this name
 SWEEP = ["hydra/sweeper=harness_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.name=none",
          "hydra.sweeper.confirm.seeds=0", *FAST,
          "prune.target_sparsity=interval(0.5, 0.9)"]
@@ -160,6 +161,7 @@ class Run:
     parent_id: str | None
     params: dict[str, str]
     metrics: dict[str, float]
+    tags: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,8 @@ class MlflowUI:
     single: Run  # the plain `python -m harness` run
     parent: Run  # the sweep's parent run
     trials: list[Run]  # its two children
+    single_page: str  # the run's page as the run printed it (``... then open http://127.0.0.1:5000/<page>``)
+    outputs: Path  # the store's folder (the single run's files in ``run/``)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +187,8 @@ def mlflow_ui(browser: WebDriver, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
     t0 = time.monotonic()
     jobs = {
-        "run": Harness.start([*FAST, f"hydra.run.dir={outputs}/run"], outputs, env, "run"),
+        "run": Harness.start([*FAST, f"tracking.register_as={REGISTERED}", f"hydra.run.dir={outputs}/run"], outputs,
+                             env, "run"),
         "sweep": Harness.start(["--multirun", *SWEEP, f"hydra.sweep.dir={outputs}/sweep"], outputs, env, "sweep"),
     }
     server = None
@@ -200,7 +205,9 @@ def mlflow_ui(browser: WebDriver, tmp_path_factory: pytest.TempPathFactory) -> I
             job.wait(timeout=max(10.0, deadline + 200 - time.monotonic()))
         print(f"\n[mlflow-ui] server up at {t_server:.0f} s, run and sweep done at {time.monotonic() - t0:.0f} s; "
               f"{server.url}")
-        yield server.describe()
+        printed = re.search(r"then open http://127\.0\.0\.1:5000/(\S+)", jobs["run"].log.read_text())
+        assert printed, f"no UI address in the run's output: {jobs['run'].failure()}"
+        yield server.describe(printed.group(1), outputs)
     finally:
         for job in jobs.values():
             job.stop()
@@ -311,7 +318,7 @@ class MlflowServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def describe(self) -> MlflowUI:
+    def describe(self, single_page: str, outputs: Path) -> MlflowUI:
         """The ids and expected values of the runs, from the server's REST API."""
         name = urllib.parse.quote("pruning")
         experiment_id = self.api(f"experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
@@ -321,14 +328,14 @@ class MlflowServer:
             tags = {t["key"]: t["value"] for t in raw["data"].get("tags", [])}
             runs.append(Run(raw["info"]["run_id"], raw["info"]["run_name"], tags.get("mlflow.parentRunId"),
                             {p["key"]: p["value"] for p in raw["data"].get("params", [])},
-                            {m["key"]: m["value"] for m in raw["data"].get("metrics", [])}))
+                            {m["key"]: m["value"] for m in raw["data"].get("metrics", [])}, tags))
         parents = [r for r in runs if r.name.startswith("sweep-")]
         assert len(runs) == 4 and len(parents) == 1, [(r.name, r.parent_id) for r in runs]
         (parent,) = parents
         trials = sorted((r for r in runs if r.parent_id == parent.run_id), key=lambda r: r.name)
         singles = [r for r in runs if r.parent_id is None and r is not parent]
         assert len(trials) == 2 and len(singles) == 1, [(r.name, r.parent_id) for r in runs]
-        return MlflowUI(self.url, experiment_id, singles[0], parent, trials)
+        return MlflowUI(self.url, experiment_id, singles[0], parent, trials, single_page, outputs)
 
 
 # ----------------------------------------------------------------------------------------------- the tests
@@ -391,6 +398,79 @@ def test_run_page_lists_the_per_layer_sparsity_metrics(browser, mlflow_ui, tmp_p
         assert float(shown["sparsity/overall"]) == pytest.approx(run.metrics["sparsity/overall"], rel=1e-9)
         assert set(shown) == set(run.metrics)
         shot(browser, tmp_path / "run.png")
+
+
+def test_the_printed_address_opens_the_run_in_model_training_with_the_verdict_and_per_layer_picture_first(
+        browser, mlflow_ui, tmp_path):
+    ui = mlflow_ui
+    run = ui.single
+    open_fresh(browser, ui.url)  # a new user's browser: nothing chosen, so MLflow 3.17 starts in GenAI
+    with artifacts_on_failure(browser, tmp_path, "run-page"):
+        browser.get(f"{ui.url}/{ui.single_page}")
+        wait_for(browser, lambda d: run.name in page_text(d), "the run's name")
+        # Model training: the breadcrumb says Runs (not Evaluations), the sidebar has the Model registry and no
+        # GenAI entries, and the run's tabs include its model metrics.
+        wait_for(browser, lambda d: d.find_elements(By.XPATH, "//a[normalize-space(.)='Model registry']"),
+                 "the Model training sidebar")
+        assert browser.find_elements(By.XPATH, "//a[normalize-space(.)='Runs']"), "no Runs breadcrumb"
+        assert not browser.find_elements(By.XPATH, "//*[normalize-space(.)='Evaluations']"), "opened in GenAI"
+        assert not browser.find_elements(By.XPATH, "//a[normalize-space(.)='Judges']"), "GenAI sidebar"
+        assert browser.find_elements(By.XPATH, "//*[@role='tab'][normalize-space(.)='Model metrics']")
+
+        # The description: the verdict first, then the per-layer picture, loaded, above everything else.
+        verdict = "Goal MET" if run.metrics["goal/met"] else "Goal MISSED"
+        wait_for(browser, lambda d: verdict in page_text(d), f"'{verdict}' in the description")
+        picture = wait_for(browser, lambda d: [i for i in d.find_elements(By.TAG_NAME, "img")
+                                               if "path=curves.png" in (i.get_attribute("src") or "")
+                                               and d.execute_script("return arguments[0].naturalWidth", i) > 0],
+                           "the per-layer picture drawn")
+        assert f"run_uuid={run.run_id}" in picture.get_attribute("src")
+        metrics_heading = browser.find_element(By.XPATH, "//h4[starts-with(normalize-space(.), 'Metrics (')]")
+        verdict_text = browser.find_element(By.XPATH, f"//*[normalize-space(.)='{verdict}']")
+        assert verdict_text.location["y"] < picture.location["y"] < metrics_heading.location["y"]
+        images = [i for i in browser.find_elements(By.TAG_NAME, "img") if i.is_displayed()]
+        assert min(images, key=lambda i: i.location["y"]) == picture, "another picture above the per-layer one"
+        shot(browser, tmp_path / "run-page.png", ARTIFACTS / "mlflow-ui-run-page.png")
+
+
+def test_the_sweep_parent_row_shows_its_best_trials_final_metrics(browser, mlflow_ui, tmp_path):
+    ui = mlflow_ui
+    (best,) = [t for t in ui.trials if t.tags.get("harness.best") == "true"]
+    columns = ["final/sparsity", "final/accuracy", "final/test_accuracy"]
+    open_fresh(browser, ui.url)
+    with artifacts_on_failure(browser, tmp_path, "parent-row"):
+        browser.get(f"{ui.url}/#/experiments/{ui.experiment_id}/runs?workflowType=machine_learning")
+        parent_link = wait_for(browser, lambda d: run_link(d, ui.parent.run_id), "the sweep's parent run")
+        show_columns(browser, hide=[], show=columns)
+        row_id = parent_link.find_element(By.XPATH, "./ancestor::div[@role='row'][1]").get_attribute("row-id")
+        assert row_id == ui.parent.run_id
+        for name in columns:
+            cell = wait_for(browser, lambda d, name=name: [
+                c for c in d.find_elements(By.XPATH, f"//div[@role='row'][@row-id='{row_id}']/div[@role='gridcell']")
+                if c.get_attribute("col-id") == f"metrics.`{name}`" and c.text.strip()], f"the parent's {name}")
+            assert float(cell.text) == pytest.approx(best.metrics[name], rel=1e-9), name
+        shot(browser, tmp_path / "parent-row.png", ARTIFACTS / "mlflow-ui-parent-row.png")
+
+
+def test_the_registered_model_is_listed_and_loads_with_the_runs_exact_zeros(browser, mlflow_ui, tmp_path):
+    import mlflow
+    import torch
+
+    ui = mlflow_ui
+    open_fresh(browser, ui.url)
+    with artifacts_on_failure(browser, tmp_path, "registry"):
+        browser.get(f"{ui.url}/#/models?workflowType=machine_learning")
+        wait_for(browser, lambda d: d.find_elements(By.XPATH, f"//a[normalize-space(.)='{REGISTERED}']"),
+                 f"{REGISTERED} in the Model registry")
+        shot(browser, tmp_path / "registry.png")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", ui.url)  # through the server, as a user of the registry would
+        model = mlflow.pytorch.load_model(f"models:/{REGISTERED}/1")
+    saved = torch.load(ui.outputs / "run" / "pruned_model.pt")
+    loaded = model.state_dict()
+    weights = [k for k in saved if k.endswith("weight") and saved[k].dim() > 1]
+    assert weights and all(torch.equal(loaded[k] == 0, saved[k] == 0) for k in weights)
+    assert sum(int((saved[k] == 0).sum()) for k in weights) > 0
 
 
 def test_compare_view_shows_the_differing_params_and_plots_overall_sparsity(browser, mlflow_ui, tmp_path):
