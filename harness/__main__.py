@@ -30,7 +30,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
     if cfg.tracking.backend == TrackingBackend.mlflow:
         writer()  # its process imports MLflow while this one imports torch
     # Imported here, not at the top: config errors surface before torch (seconds) loads.
-    from harness import checkpoints, runner
+    from harness import checkpoints, distributed, runner
 
     try:
         if cfg.lpot:
@@ -41,6 +41,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
             resume = checkpoints.load(config.resume, config)
             config, output_dir = resume.config, resume.path.parent  # the interrupted run's own config and dir
         result = runner.run(config, output_dir, trial=_sweep_trial(config), resume=resume)
+        distributed.stop()
     except HarnessError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the failed trial and goes on
@@ -56,9 +57,21 @@ def _sweep_trial(config: Config) -> TrialLink | None:
     return TrialLink.from_config(config)
 
 
+# Under torchrun every rank runs this command; rank 0 writes for all (harness/distributed.py). The other
+# ranks get a run dir that is the working directory, no .hydra/ folder, no log file, warnings only on the
+# terminal, and no MLflow writer. Read from torchrun's variables here, before Hydra and torch load.
+_OTHER_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+                         "hydra.job_logging.root.level=WARNING", "tracking=none"]
+
+
 def main() -> None:
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and {"-m", "--multirun"} & set(sys.argv[1:]):
+        _exit_with("--multirun under torchrun: a sweep's trials each run on one process; start the sweep with "
+                   "python -m harness --multirun ..., and one run on several processes with torchrun")
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        sys.argv += _OTHER_RANK_OVERRIDES
     # SIGTERM ends a run the way Ctrl-C does: its MLflow run is closed (KILLED), never left RUNNING.
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -66,7 +79,7 @@ def main() -> None:
     except Interrupted as stop:
         where = stop.checkpoint
         hint = (f"; {stop.how_to_continue}" if stop.how_to_continue else
-                f"; continue with: python -m harness resume={where.parent}" if where else "")
+                f"; continue with: {_launcher()} resume={where.parent}" if where else "")
         print(f"stopped: {stop}{hint}", file=sys.stderr)
         sys.exit(128 + signal.Signals[stop.signal_name].value)
     except KeyboardInterrupt:
@@ -77,6 +90,16 @@ def main() -> None:
         if message is None:
             raise
         _exit_with(message)
+
+
+def _launcher() -> str:
+    """How this run was started: ``python -m harness``, or torchrun's command on one node."""
+    size, per_node = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if size in ("", "1"):
+        return "python -m harness"
+    if per_node == size:
+        return f"torchrun --nproc_per_node={size} -m harness"
+    return "the same torchrun command (every node) with -m harness"
 
 
 def _terminate(signum: int, _frame: object) -> None:

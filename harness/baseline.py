@@ -8,6 +8,7 @@ runs with the same key (a sweep's parallel trials) train it once and share it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness import distributed
 from harness.caches import file_digest, set_aside
 from harness.config import Config
 from harness.locking import file_lock
@@ -62,29 +64,38 @@ def load_or_train(
     model: nn.Module,
     train: Callable[[nn.Module, Path], tuple[float, float]],
     cache_root: Path,
+    world: distributed.World = distributed.SINGLE,
 ) -> Baseline:
     """Load the cached baseline into ``model``, or run ``train(model, checkpoint)`` and cache the result.
 
     ``train`` trains ``model`` in place and returns its (val, test) accuracy; ``checkpoint`` is where it
     keeps, and resumes from, the state of an interrupted training. A damaged cache entry is set aside
-    and trained again, never loaded.
+    and trained again, never loaded. On several processes (``world``), rank 0 alone takes the lock,
+    checks and writes the cache; the others follow its answer (they load the entry it checked, or train
+    with it).
     """
     key = baseline_key(cfg)
     folder = cache_root / key
-    folder.mkdir(parents=True, exist_ok=True)
     weights, meta = folder / "model.pt", folder / "meta.json"
-    with file_lock(folder / ".lock"):  # a second process waits here, then loads
-        if weights.exists() and meta.exists():
-            cached = _load_cached(key, folder, model)
-            if cached is not None:
-                return cached
+    if world.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    # a second run with this key waits here, then loads; ranks other than 0 never take the lock (rank 0
+    # holds it while they train with it)
+    with file_lock(folder / ".lock") if world.is_main else contextlib.nullcontext():
+        cached = _load_cached(key, folder, model) if world.is_main and weights.exists() and meta.exists() else None
+        cached = distributed.broadcast(cached, world)
+        if cached is not None:
+            if not world.is_main:
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return cached
         val_accuracy, test_accuracy = train(model, folder / INTERRUPTED)
-        _atomic_save(model.state_dict(), weights)
-        info = {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "key": key,
-                "sha256": file_digest(weights),
-                "config": {"dataset": asdict(cfg.dataset), "model": asdict(cfg.model),
-                           "train": asdict(cfg.train), "seed": cfg.seed}}
-        _atomic_write(meta, json.dumps(info, indent=2, default=_jsonable))
+        if world.is_main:
+            _atomic_save(model.state_dict(), weights)
+            info = {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "key": key,
+                    "sha256": file_digest(weights),
+                    "config": {"dataset": asdict(cfg.dataset), "model": asdict(cfg.model),
+                               "train": asdict(cfg.train), "seed": cfg.seed}}
+            _atomic_write(meta, json.dumps(info, indent=2, default=_jsonable))
     return Baseline(key, val_accuracy, test_accuracy, False, folder)
 
 

@@ -11,6 +11,7 @@ not tensors), so load only checkpoints you wrote.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +20,15 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from harness import distributed
 from harness.caches import set_aside
 from harness.config import Config, TrackingBackend, config_dict
 from harness.errors import ConfigError
 from harness.pruning import MaskUpdate
 from harness.tracking import tracking_uri
 from harness.training import EpochResult, LoopState
+
+log = logging.getLogger(__name__)
 
 FILENAME = "checkpoint.pt"
 _VERSION = 1
@@ -41,10 +45,10 @@ class Checkpoint:
 
 
 def save(run_dir: Path, cfg: Config, loop: LoopState, pruning: dict[str, Any], updates: list[MaskUpdate],
-         run_id: str | None) -> Path:
+         run_id: str | None, world_size: int = 1) -> Path:
     return _atomic_save(run_dir / FILENAME, {"version": _VERSION, "config": config_dict(cfg), "loop": asdict(loop),
                                              "pruning": pruning, "updates": [asdict(u) for u in updates],
-                                             "run_id": run_id})
+                                             "run_id": run_id, "world_size": world_size})
 
 
 def save_loop(path: Path, loop: LoopState) -> Path:
@@ -87,6 +91,10 @@ def load(where: str, cfg: Config) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("version") != _VERSION:
         raise ConfigError(f"resume={where}: {path} is not a harness checkpoint")
     config: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw["config"]))
+    saved_by, now = raw.get("world_size", 1), distributed.from_env().size
+    if saved_by != now:  # the loop's state is the whole batch's (harness.data.RankShard): it continues exactly
+        log.info("resume: the checkpoint was written by a run on %d process(es), resumed on %d; batch_size is per "
+                 "step over all processes, so the steps are the same", saved_by, now)
     return Checkpoint(path, config, _loop(raw["loop"]), raw["pruning"],
                       [MaskUpdate(**u) for u in raw["updates"]], raw["run_id"])
 

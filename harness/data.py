@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset, TensorDataset
 
+from harness.distributed import SINGLE, World
 from harness.errors import DataError
 
 if TYPE_CHECKING:
@@ -77,22 +78,43 @@ class _TransformedSubset(Subset):
         return [self[i] for i in indices]
 
 
-def build_data(cfg: DatasetConfig, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
-    """Load ``cfg.name`` and wrap its three splits in loaders; only the train order depends on ``seed``."""
+class RankShard(Sampler[list[int]]):
+    """This rank's part of each batch of ``batches``: with the same shuffle on every rank (the same
+    generator seed), the ranks' parts of a step make up exactly the batch one process would train on,
+    so a run on N processes takes the same steps, with the same pruning schedule, as on one.
+    A last batch smaller than the number of ranks repeats samples, so that no rank has none."""
+
+    def __init__(self, batches: BatchSampler, world: World) -> None:
+        self.batches, self.world = batches, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            part = batch[self.world.rank::self.world.size]
+            yield part or [batch[self.world.rank % len(batch)]]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_data(cfg: DatasetConfig, batch_size: int, eval_batch_size: int, seed: int,
+               world: World = SINGLE) -> DataBundle:
+    """Load ``cfg.name`` and wrap its three splits in loaders; only the train order depends on ``seed``.
+    On several processes (``world``), each rank loads its share: a part of every train batch
+    (``batch_size`` stays the batch of one optimizer step over all ranks) and every N-th val/test sample
+    (:func:`harness.training.evaluate` adds the ranks' counts up)."""
     builders = {"digits": _digits, "cifar10": _cifar10, "imagefolder": _imagefolder, "fake": _fake}
     splits = builders[cfg.name](cfg)
+    common = {"num_workers": cfg.num_workers, "pin_memory": False, "persistent_workers": cfg.num_workers > 0}
 
     def loader(dataset: Dataset, size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            drop_last=False,
-            num_workers=cfg.num_workers,
-            pin_memory=False,
-            persistent_workers=cfg.num_workers > 0,
-        )
+        if not shuffle:
+            shard = dataset if not world.distributed else Subset(dataset, range(world.rank, len(dataset), world.size))
+            return DataLoader(shard, batch_size=size, shuffle=False, drop_last=False, **common)
+        generator = torch.Generator().manual_seed(seed)
+        if not world.distributed:
+            return DataLoader(dataset, batch_size=size, shuffle=True, generator=generator, drop_last=False, **common)
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=RankShard(batches, world), generator=generator, **common)
 
     sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     description = (f"{cfg.name}: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test, "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import checkpoints
+from harness import checkpoints, distributed
 from harness import metrics as m
 from harness.baseline import Baseline, load_or_train
 from harness.config import Config, config_dict
@@ -65,17 +65,24 @@ class Experiment:
     model: nn.Module  # on ``device``; holds the dense baseline's weights once :func:`dense_baseline` ran
     device: torch.device
     outputs: Path  # caches and stores (``outputs_dir``)
+    world: distributed.World = distributed.SINGLE  # under torchrun: this process's rank; rank 0 writes
 
 
 def prepare(cfg: Config) -> Experiment:
-    """The data splits and the freshly initialised model (its weights follow ``seed``)."""
+    """The data splits and the freshly initialised model (its weights follow ``seed``); under torchrun,
+    the process group joined and this rank's share of the data."""
     outputs = _writable(Path(cfg.outputs_dir))  # before any work: caches and stores go there
     device = resolve_device(cfg.train.device)
-    data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
+    world = distributed.start(device)
+    device = distributed.device_for(device, world)
+    data = build_data(cfg.dataset, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed, world)
     log.info("data: %s", data.description)
-    seed_everything(cfg.seed)
+    if world.distributed:
+        log.info("distributed: %d processes (%s), this is rank %d; batch_size %d per step over all ranks",
+                 world.size, "nccl" if device.type == "cuda" else "gloo", world.rank, cfg.train.batch_size)
+    seed_everything(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    return Experiment(cfg, data, model, device, outputs)
+    return Experiment(cfg, data, model, device, outputs, world)
 
 
 @contextlib.contextmanager
@@ -88,6 +95,9 @@ def tracked_run(exp: Experiment, output_dir: Path, trial: Any = None,
     tracking server that went away never got is kept under ``output_dir``.
     """
     cfg = exp.cfg
+    if not exp.world.is_main:  # rank 0 tracks the run for all
+        yield Tracker()
+        return
     tags = run_tags(cfg) | (trial.tags() if trial else {})
     tracker = make_tracker(cfg.tracking, exp.outputs, run_name=run_name(cfg), tags=tags,
                            resume_run_id=resume.run_id if resume else None, spool_dir=output_dir)
@@ -114,14 +124,16 @@ def dense_baseline(exp: Experiment, tracker: Tracker, trial: Any = None) -> Base
             fit(model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
                 device=exp.device, desc="dense", resume=resume)
         except Interrupted as stop:
-            stop.checkpoint = checkpoints.save_loop(checkpoint, stop.state)
+            if exp.world.is_main:
+                stop.checkpoint = checkpoints.save_loop(checkpoint, stop.state)
             stop.how_to_continue = (f"the dense baseline's training was saved in {checkpoint} and resumes when "
                                     "a run needs this baseline again (the same command)")
             raise
-        checkpoint.unlink(missing_ok=True)
+        if exp.world.is_main:
+            checkpoint.unlink(missing_ok=True)
         return evaluate(model, exp.data.val, exp.device), evaluate(model, exp.data.test, exp.device)
 
-    baseline = load_or_train(cfg, exp.model, train_dense, exp.outputs / "baselines")
+    baseline = load_or_train(cfg, exp.model, train_dense, exp.outputs / "baselines", exp.world)
     exp.model.to(exp.device)
     log.info(baseline_note(baseline))
     if trial:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from harness import analysis, checkpoints, report
+from harness import analysis, checkpoints, distributed, report
 from harness import metrics as m
 from harness.baseline import Baseline
 from harness.config import Allocation, AnalyzeMode, Config, PruneConfig, config_dict
@@ -73,6 +74,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None, resume: checkpoints.Ch
             pruning = sensitivity_budgets(exp, baseline, pruning, tracker)
         tuned = finetune_with_pruning(exp, pruning, tracker, trial, resume, output_dir) if pruning else Tuned(exp.model)
         metrics, verdict, rows = evaluate_and_judge(exp, baseline, tuned)
+        if not exp.world.is_main:  # rank 0 measures, writes and reports for all
+            return RunResult(metrics, verdict, None, output_dir)
         deploy = measure_deployment(exp, dense, tuned.model, output_dir) if dense is not None else None
         metrics |= deploy.metrics if deploy else {}
         publish(exp, tuned, rows, metrics, verdict, deploy, baseline, output_dir, tracker)
@@ -132,15 +135,23 @@ def finetune_with_pruning(exp: Experiment, pruning: Pruning, tracker: Tracker, t
         log.info("resuming %s at epoch %d, step %d", resume.path, resume.loop.epoch, resume.loop.step)
     pruning.add_listener(updates.append)
     pruning.add_listener(lambda u: tracker.log_metrics(m.update_metrics(u), u.global_step))
+    if exp.world.distributed:  # every rank must have chosen the same masks: checked at each update
+        pruning.add_listener(lambda u: distributed.check_same_masks(pruning.masks, exp.world,
+                                                                    f"mask update at step {u.global_step}"))
     try:
         history = fit(exp.model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.finetune_epochs,
                       lr=cfg.train.finetune_lr, device=exp.device, callbacks=[pruning, *([trial] if trial else [])],
                       log_metrics=tracker.log_metrics, desc="prune", resume=resume.loop if resume else None)
     except Interrupted as stop:
-        path = checkpoints.save(output_dir, cfg, stop.state, pruning.state_dict(), updates, tracker.run_id)
-        tracker.set_tags({"harness.checkpoint": str(path)})
-        stop.checkpoint = path
+        if exp.world.is_main:  # one checkpoint for all ranks: they stopped at the same step
+            path = checkpoints.save(output_dir, cfg, stop.state, pruning.state_dict(), updates, tracker.run_id,
+                                    world_size=exp.world.size)
+            tracker.set_tags({"harness.checkpoint": str(path)})
+            stop.checkpoint = path
         raise
+    if exp.world.distributed:
+        log.info("masks: the same on all %d ranks at each of the %d mask updates (compared by checksum)",
+                 exp.world.size, len(updates))
     return Tuned(pruning.finalize(), list(pruning.params), updates, history)
 
 
@@ -167,12 +178,15 @@ def measure_deployment(exp: Experiment, dense: nn.Module, pruned: nn.Module, out
     """What pruning bought: latency (within ``deploy.time_limit_s``, unless ``deploy.measure=false``), MACs
     and checkpoint size, pruned against dense, on the first ``deploy.batch_size`` test images."""
     deploy_cfg = exp.cfg.deploy
+    started = time.monotonic()
     example = _test_images(exp, deploy_cfg.batch_size).to(exp.device)
     deploy = deployment_report(dense, pruned, example, output_dir / "pruned_model.compressed.pt",
                                channels=exp.cfg.prune.pattern == Pattern.channel, measure=deploy_cfg.measure,
                                time_limit_s=deploy_cfg.time_limit_s)
     for note in deploy.notes:
         log.info(note)
+    # the whole phase (export, MACs, checkpoint, timing): what deploy.time_limit_s / deploy.measure trade
+    log.info("deployment measured in %.1f s", time.monotonic() - started)
     return deploy
 
 

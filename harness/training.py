@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.config import LrSchedule, Optimizer, TrainConfig
 from harness.errors import ConfigError, HarnessError, Interrupted
 from harness.metrics import TRAIN_LOSS, VAL_ACCURACY
@@ -98,7 +99,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
-    """Top-1 accuracy of ``model`` over ``loader``."""
+    """Top-1 accuracy of ``model`` over ``loader`` (on several processes: over every rank's share)."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -107,6 +108,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
         correct += int((logits.argmax(dim=1) == targets.to(device)).sum())
         total += targets.numel()
     model.train(was_training)
+    correct, total = distributed.reduce_sum([correct, total], distributed.current())
     return correct / total if total else 0.0
 
 
@@ -151,11 +153,16 @@ def fit(
     stop the loop between two steps with :class:`Interrupted`, which carries the state that
     ``resume=`` continues from; a NaN or infinite loss raises :class:`Diverged`.
     """
+    world = distributed.current()
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_lr_scheduler(optimizer, cfg, epochs * len(train_loader))
     loss_fn = nn.CrossEntropyLoss()
     hooks = _CallbackList(callbacks)
     model.to(device).train()
+    # On several processes the steps go through DDP (gradients averaged over the ranks); the engine's
+    # hooks stay on ``model``'s own parameters, which DDP shares.
+    step_model = model if not world.distributed else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     history: list[EpochResult] = []
     global_step, first_epoch, first_step, loss_carry = 0, 0, 0, 0.0
     generator = getattr(train_loader, "generator", None)
@@ -171,10 +178,10 @@ def fit(
         if hasattr(callback, "use_optimizer"):
             callback.use_optimizer(optimizer)
     # disable=None: a bar on a terminal, nothing in a non-interactive log (the epoch lines stay).
-    bar = tqdm(total=epochs * len(train_loader), initial=global_step, desc=desc, unit="step", disable=None,
-               leave=False)
+    bar = tqdm(total=epochs * len(train_loader), initial=global_step, desc=desc, unit="step",
+               disable=None if world.is_main else True, leave=False)
     hooks("on_train_begin")
-    with _stop_on_signals() as stop:
+    with _stop_on_signals(world) as stop:
         for epoch in range(first_epoch, epochs):
             resuming = resume is not None and epoch == first_epoch
             if resuming and generator is not None and resume.loader_generator is not None:
@@ -182,7 +189,7 @@ def fit(
             epoch_generator = generator.get_state() if generator is not None else None
             if not resuming:  # a resumed epoch already had its beginning
                 hooks("on_epoch_begin", epoch)
-            loss_sum = torch.full((), loss_carry if resuming else 0.0, device=device)
+            loss_sum = loss_carry if resuming else 0.0
             batches = iter(train_loader)
             if resuming:
                 for _ in range(first_step):
@@ -195,7 +202,7 @@ def fit(
                         optimizer.state_dict(), scheduler.state_dict(), epoch_generator, _get_rng()))
                 inputs, targets = next(batches)
                 hooks("on_batch_begin", step)
-                loss = loss_fn(model(inputs.to(device, non_blocking=True)),
+                loss = loss_fn(step_model(inputs.to(device, non_blocking=True)),
                                targets.to(device, non_blocking=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -204,11 +211,11 @@ def fit(
                 scheduler.step()
                 hooks("on_batch_end")
                 global_step += 1
-                loss_value = loss.item()
+                loss_value = stop.agree(loss.item())  # (on several processes: the mean over the ranks)
                 if not math.isfinite(loss_value):
                     raise Diverged(f"{TRAIN_LOSS}={loss_value} at epoch {epoch} step {step} (global step "
                                    f"{global_step}): lower the learning rate ({lr}) or check the data")
-                loss_sum += loss.detach()
+                loss_sum += loss_value
                 if log_metrics is not None:
                     log_metrics({TRAIN_LOSS: loss_value}, global_step)
                 bar.update()
@@ -228,20 +235,42 @@ def fit(
 
 
 class _StopRequest:
-    signal_name: str | None = None
+    """A signal's request to stop at the next step boundary. On several processes the ranks agree on it
+    after every step (with the step's loss, in one all-reduce), so that all stop at the same step, which
+    a signal that reached one of them, or reached them during different steps, would not give."""
+
+    def __init__(self, world: distributed.World) -> None:
+        self.world = world
+        self.signal_name: str | None = None
+        self._received: str | None = None
+
+    def receive(self, name: str) -> None:
+        self._received = name
+        if not self.world.distributed:
+            self.signal_name = name
+
+    def agree(self, loss: float) -> float:
+        """The mean loss over the ranks; sets ``signal_name`` on every rank once any rank had a signal."""
+        if not self.world.distributed:
+            return loss
+        names = ("SIGINT", "SIGTERM")
+        total, *seen = distributed.reduce_sum([loss, *(float(self._received == n) for n in names)], self.world)
+        if any(seen):
+            self.signal_name = names[0] if seen[0] else names[1]
+        return total / self.world.size
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_StopRequest]:
+def _stop_on_signals(world: distributed.World) -> Iterator[_StopRequest]:
     """While training, SIGINT and SIGTERM only ask the loop to stop at the next step boundary,
     so that what it saves is consistent."""
-    request = _StopRequest()
+    request = _StopRequest(world)
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def ask_to_stop(signum: int, _frame: Any) -> None:
-        request.signal_name = signal.Signals(signum).name
+        request.receive(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
