@@ -126,3 +126,15 @@ def test_an_interrupted_two_process_run_saves_one_checkpoint_and_resumes_to_the_
     assert "resuming" in resumed.stderr + resumed.stdout
     ours, theirs = torch.load(run_dir / "pruned_model.pt"), torch.load(outputs / "run" / "pruned_model.pt")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_sweep_under_torchrun_is_a_one_line_error(tmp_path):
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    result = subprocess.run([sys.executable, "-m", "harness", "--multirun", "+sweep=max_sparsity",
+                             f"outputs_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --multirun under torchrun: a sweep's trials each run on one process; start the sweep with "
+        "python -m harness --multirun ..., and one run on several processes with torchrun"]
+    assert not any(tmp_path.iterdir())  # nothing written
