@@ -13,7 +13,7 @@ from torch import nn
 
 from harness import runner
 from harness.errors import ConfigError
-from harness.export import compare_latency_within
+from harness.export import compare_latency_within, count_macs, deployment_report
 
 from .conftest import FAST, compose_config
 
@@ -56,6 +56,19 @@ def test_few_rounds_on_a_fast_model_stop_at_max_rounds():
     assert timed.rounds == 5 and timed.seconds < 10.0
 
 
+def test_a_batch_too_slow_for_the_budget_is_timed_and_counted_on_its_first_images(tmp_path):
+    dense, pruned = _convs(48), _convs(32)
+    images = torch.randn(64, 3, 48, 48)  # milliseconds per image: 64 of them would take a 0.3 s budget's round
+    report = deployment_report(dense, pruned, images, tmp_path / "compressed.pt", channels=False, time_limit_s=0.3)
+    timed = int(report.metrics["deploy/batch_size"])
+    assert 1 <= timed < 64
+    assert any(f"a round on 64 images would not fit in deploy.time_limit_s=0.3; timed on the first {timed}" in note
+               for note in report.notes), report.notes
+    assert report.metrics["macs/dense"] == count_macs(pruned, images[:timed])[0]  # counted on what was timed
+    assert report.metrics["deploy/timing_s"] < 0.3 + 0.3 and report.metrics["deploy/rounds"] >= 1
+    assert f"deploy (batch of {timed} test images)" in report.describe()
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("deploy.time_limit_s=0", "deploy.time_limit_s=0.0: must be > 0"),
     ("deploy.batch_size=0", "deploy.batch_size=0: must be >= 1"),
@@ -67,14 +80,14 @@ def test_deploy_values_are_checked(override, message):
 
 @pytest.mark.slow
 def test_a_run_says_what_was_timed_and_on_what_batch(tmp_path, capsys):
-    cfg = compose_config([*FAST, f"outputs_dir={tmp_path}", "tracking=none", "deploy.time_limit_s=0.5",
+    cfg = compose_config([*FAST, f"outputs_dir={tmp_path}", "tracking=none", "deploy.time_limit_s=2",
                           "deploy.batch_size=100"])
     metrics = runner.run(cfg, tmp_path / "run").metrics
     for key in LATENCY + REST:
         assert metrics[key] > 0, key
     assert metrics["deploy/batch_size"] == 100  # across the test split's batches when needed
     assert 1 <= metrics["deploy/rounds"] <= 15
-    assert metrics["deploy/timing_s"] < 0.5 + 0.5  # a round of the digits CNN takes milliseconds
+    assert metrics["deploy/timing_s"] < 2 + 0.5  # a round of the digits CNN takes milliseconds
     out = capsys.readouterr().out
     assert "deploy (batch of 100 test images): " in out and f"median of {int(metrics['deploy/rounds'])} rounds" in out
     assert not (tmp_path / "run" / "mlflow_model").exists()  # tracking=none: nothing extra written

@@ -85,6 +85,24 @@ def compare_latency_within(a: nn.Module, b: nn.Module, example: Example, time_li
     return LatencyComparison(ms["a"], ms["b"], len(samples["a"]), time.perf_counter() - start)
 
 
+def batch_within_budget(a: nn.Module, b: nn.Module, example: torch.Tensor, time_limit_s: float) -> torch.Tensor:
+    """The first rows of ``example`` that a side-by-side round of ``a`` and ``b`` times in about a tenth of
+    ``time_limit_s`` (all of them when they fit), judged from one sample's cost (its second call: the
+    first pays for allocations). A batch too slow for the budget (resnet18 at 224x224 on 64 images takes
+    seconds per call on a CPU) would otherwise overrun it by a round and warm-up of its own."""
+    if len(example) <= 1:
+        return example
+    one = example[:1]
+    with _eval_mode(a), _eval_mode(b), torch.inference_mode():
+        for _ in range(2):
+            start = time.perf_counter()
+            a(one)
+            b(one)
+            per_sample = time.perf_counter() - start
+    fits = int(time_limit_s / 10 / max(per_sample, 1e-9))
+    return example[:max(1, min(len(example), fits))]
+
+
 # -- multiply-adds ----------------------------------------------------------------------------
 
 
