@@ -257,14 +257,15 @@ def finished_or_failed(tracker: Tracker) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, RunStopped) as err:
-        if isinstance(err, RunStopped):
+        if isinstance(err, RunStopped):  # (the description too: what the run's page shows first)
             with contextlib.suppress(Exception):
-                tracker.set_tags({"harness.stopped": str(err)})
+                tracker.set_tags({"harness.stopped": str(err), NOTE_TAG: f"**Stopped** before its end: {err}"})
         tracker.finish("KILLED")
         raise
     except BaseException as err:
+        error = f"{type(err).__name__}: {err}"[:5000]
         with contextlib.suppress(Exception):
-            tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            tracker.set_tags({"error": error, NOTE_TAG: f"**Failed**: {error}"})
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")

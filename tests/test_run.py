@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from harness import runner, tracking
 from harness.baseline import baseline_key, load_or_train
-from harness.tracking import MlflowTracker
+from harness.errors import RunStopped
+from harness.tracking import NOTE_TAG, MlflowTracker
 
 from .conftest import FAST, compose_config, run_cli
 
@@ -128,7 +129,8 @@ def test_dense_only_run_without_tracking(tmp_path):
     assert (tmp_path / "run" / "sparsity_report.csv").exists()
 
 
-@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                                               (RunStopped("pruned by the study's pruner after epoch 2"), "KILLED")])
 def test_a_run_that_ends_by_an_exception_is_never_left_running(tmp_path, sqlite_uri, error, status):
     tracker = MlflowTracker(sqlite_uri, "pruning")
     with pytest.raises(type(error)), tracking.finished_or_failed(tracker):
@@ -139,3 +141,6 @@ def test_a_run_that_ends_by_an_exception_is_never_left_running(tmp_path, sqlite_
     assert run.data.metrics["train/loss"] == 1.0  # buffered metrics were not lost
     if status == "FAILED":
         assert run.data.tags["error"] == "RuntimeError: boom"
+        assert run.data.tags[NOTE_TAG] == "**Failed**: RuntimeError: boom"  # the run page's description says why
+    if isinstance(error, RunStopped):
+        assert run.data.tags[NOTE_TAG] == "**Stopped** before its end: pruned by the study's pruner after epoch 2"

@@ -7,17 +7,13 @@ and started again on the same port and store."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,58 +22,11 @@ from mlflow.tracking import MlflowClient
 from harness.tracking import MlflowTracker
 
 from .conftest import REPO
+from .mlflow_server import Server
 from .test_interrupts import wait_for
 
 STEPS_PER_EPOCH = 20  # 1257 training digits / batch 64
-SERVER_START_S = 90
 DOWN_S = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """``mlflow server`` on one loopback port and one store, stopped and started again at will."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.process = folder, _free_port(), None
-        folder.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.folder / f"server-{self.starts}.log"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
-               "--artifacts-destination", str(self.folder / "mlartifacts"), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: starts faster
-        with open(log, "w") as out:  # its own session: stop() ends its workers with it
-            self.process = subprocess.Popen(cmd, cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + SERVER_START_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"mlflow server did not start: {log.read_text(errors='replace')[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@
 Each worker (the process the user started, the helper processes it starts for
 ``n_jobs > 1``, or the same command started again elsewhere) loops: under the study lock,
 count the trials and ask for one if fewer than ``n_trials`` are finished or running;
-run it; tell the result. A slot freed by a finished or pruned trial is refilled at once,
-and exactly ``n_trials`` trials finish in total, also across restarts: a trial whose
-process died is marked FAIL at the next start and replaced.
+run it (keeping its heartbeat, ``harness.sweep.heartbeat``); tell the result. A slot freed by a
+finished or pruned trial is refilled at once, and exactly ``n_trials`` trials finish in total,
+also across restarts: a trial whose process died is marked FAIL at the next start on its host, or
+by any worker once its heartbeat has stopped for the grace period, and replaced.
 
 A PostgreSQL server that restarts mid-sweep is ridden out (``harness.sweep.study.reconnecting``):
 each storage call is retried while the connection is lost, a tell is applied once, and the locked
@@ -26,8 +27,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from harness.errors import Interrupted
+from harness.errors import Interrupted, RunStopped
 from harness.metrics import FINAL_ACCURACY, GOAL_EXCESS_DROP
+from harness.sweep.heartbeat import (
+    HeartbeatSettings,
+    ask,
+    beating,
+    end_lost_runs,
+    fail_lost_trials,
+    heartbeat_storage,
+    record,
+)
 from harness.sweep.space import SearchSpace
 from harness.sweep.study import (
     FINISHED,
@@ -59,6 +69,7 @@ class SweepSettings:
     seed: int | None = 0
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "goal"})  # hydra.sweeper.pruner
     max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (not pruned)
+    heartbeat: HeartbeatSettings | None = None  # hydra.sweeper.heartbeat; None: trials keep none
 
     @property
     def failure_limit(self) -> int:
@@ -90,10 +101,12 @@ def open_study(settings: SweepSettings) -> optuna.Study:
     the storage's tables concurrently races)."""
 
     def create() -> optuna.Study:
+        storage = (make_storage(settings.storage) if settings.heartbeat is None
+                   else heartbeat_storage(settings.storage, settings.heartbeat))
         with study_lock(settings.storage, settings.study_name):
             return optuna.create_study(
                 study_name=settings.study_name,
-                storage=make_storage(settings.storage),
+                storage=storage,
                 directions=settings.directions,
                 sampler=make_sampler(settings.sampler, settings.seed),
                 pruner=make_pruner(settings.pruner),
@@ -114,6 +127,7 @@ def run_worker(
     while True:
         trial, running, report.stopped_on_failures = reconnecting(lambda: _next_trial(study, settings),
                                                                   "asking for a trial")
+        end_lost_runs()  # of the trials that _next_trial found lost
         if report.stopped_on_failures:
             break
         if trial is None:
@@ -123,12 +137,19 @@ def run_worker(
             continue
         values = reconnecting(functools.partial(space.suggest, trial), f"suggesting trial {trial.number}'s values")
         try:
-            outcome = run_trial(trial, space.to_overrides(values))
+            with beating(study, trial):
+                outcome = run_trial(trial, space.to_overrides(values))
         except BaseException as err:  # Ctrl-C or SIGTERM outside the training loop: never leave it RUNNING
             trial.set_user_attr("lost", f"interrupted ({type(err).__name__})")
             study.tell(trial, state=TrialState.FAIL)
             raise err
         report.ran.append(trial.number)
+        if _lost_meanwhile(study, trial):  # this worker stalled past the grace period: another replaced it
+            log.warning("trial %d was failed as lost while it ran here (no heartbeat for longer than "
+                        "hydra.sweeper.heartbeat.grace_s); its result is dropped", trial.number)
+            if outcome.stop is not None:
+                raise outcome.stop
+            continue
         if outcome.stop is not None:  # replaced when the sweep resumes, not counted as a failure
             _set_attr(trial, "lost", f"interrupted ({outcome.error})")
         _tell(study, trial, outcome, settings)
@@ -144,6 +165,7 @@ def _next_trial(study: optuna.Study, settings: SweepSettings) -> tuple[optuna.tr
     many trials run, and whether the sweep stops on failures. Done again as a whole when the storage
     connection is lost (see :func:`harness.sweep.study.study_lock`)."""
     with study_lock(settings.storage, settings.study_name):
+        fail_lost_trials(study)  # lost with another machine: their heartbeat stopped (see harness.sweep.heartbeat)
         # Failures count over the whole study (all workers, all restarts); trials lost with their
         # process were replaced and do not count.
         failed, running = len(failed_trials(study)), count(study, (TrialState.RUNNING,))
@@ -158,15 +180,22 @@ def _next_trial(study: optuna.Study, settings: SweepSettings) -> tuple[optuna.tr
                 busy -= 1
                 continue
             trial = optuna.trial.Trial(study, orphan._trial_id)
+            record(study, trial)
             mark_worker(trial)
             log.info("trial %d: taken over (asked while the storage connection was lost)", trial.number)
             return trial, running, False
         # Once trials fail, the running ones may fail too: start no more than could fail within the limit.
         room = failed == 0 or failed + running < settings.failure_limit
-        trial = study.ask() if busy < settings.n_trials and room else None
-        if trial is not None:
+        trial = ask(study) if busy < settings.n_trials and room else None
+        if trial is not None:  # a trial asked but not yet marked is an orphan (above), then it has a heartbeat
+            record(study, trial)
             mark_worker(trial)
         return trial, running, False
+
+
+def _lost_meanwhile(study: optuna.Study, trial: optuna.trial.Trial) -> bool:
+    state = reconnecting(lambda: study._storage.get_trial(trial._trial_id).state, f"reading trial {trial.number}")
+    return state != TrialState.RUNNING
 
 
 def _set_attr(trial: optuna.trial.Trial, key: str, value: Any) -> None:
@@ -207,6 +236,9 @@ def describe_outcome(value: Any, output_dir: str | None = None) -> Outcome:
         return Outcome(pruned=True, output_dir=output_dir)
     if isinstance(value, Interrupted | KeyboardInterrupt):
         return Outcome(error=f"{type(value).__name__}: {value}", stop=value, output_dir=output_dir)
+    if isinstance(value, RunStopped):  # an interruption that came back from another process (harness.sweep.jobs)
+        return Outcome(error=f"{type(value).__name__}: {value}", stop=KeyboardInterrupt(str(value)),
+                       output_dir=output_dir)
     if isinstance(value, BaseException):
         return Outcome(error=f"{type(value).__name__}: {value}", output_dir=output_dir)
     if isinstance(value, dict):

@@ -1,5 +1,6 @@
 """The Optuna study of a sweep: storage, sampler and pruner from config, a study-wide lock,
-and clean-up of trials whose process died (SIGKILL, a lost machine).
+and clean-up of trials whose process died on this host (SIGKILL); ``harness.sweep.heartbeat``
+notices those lost with another machine.
 
 Studies live in an RDB storage so that a sweep resumes where it stopped and several
 workers share it: SQLite (``outputs/optuna.db``) on one machine, PostgreSQL across machines.
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +38,9 @@ SAMPLERS = ("tpe", "random", "nsga2", "qmc")
 PRUNERS = ("goal", "median", "percentile", "successive_halving", "hyperband", "none")
 STORAGE_KEY = "hydra.sweeper.storage"
 PRUNER_ATTR = "harness.pruner"  # the pruner's settings, stored on the study for the trials' runs
+# Study user attribute "harness.lost:<number>": why that trial was failed as lost after it had finished
+# (Optuna's heartbeat fails it first, and a finished trial's own attributes cannot change).
+LOST_PREFIX = "harness.lost:"
 RECONNECT_S = 60.0  # how long a storage call is retried while the database cannot be reached
 # SQLSTATEs of a lost or refused connection: class 08, and the server shutting down, crashing or starting up.
 _DISCONNECT_CODES = ("08", "57P01", "57P02", "57P03")
@@ -50,14 +55,19 @@ def default_storage(outputs_dir: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def make_storage(url: str) -> optuna.storages.RDBStorage:
+def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+                 ) -> optuna.storages.RDBStorage:
     """One storage per URL in a process, shared by the sweep loop and its trials' runs: opening one
-    (an engine, Optuna's schema check) takes ~80 ms, a third of a sweep's cost per trial."""
+    (an engine, Optuna's schema check) takes ~80 ms, a third of a sweep's cost per trial. The sweep
+    loop's own has Optuna's heartbeat settings (``harness.sweep.heartbeat``)."""
     check_sqlite_store(url, STORAGE_KEY, "Optuna", OPTUNA_TABLES)
     # SQLite: wait on a lock instead of failing at once when another worker writes.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with opening_storage(url):
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    with opening_storage(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's arguments
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period, heartbeat_stale_trial_callback=on_stale)
 
 
 @contextlib.contextmanager
@@ -263,8 +273,15 @@ def fail_dead_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def failed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that failed by themselves (an error), not lost with their process."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "lost" not in t.user_attrs]
+    """Trials that failed by themselves (an error), not lost with their process or machine."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    lost = {key for key in study.user_attrs if key.startswith(LOST_PREFIX)} if failed else set()
+    return [t for t in failed if "lost" not in t.user_attrs and f"{LOST_PREFIX}{t.number}" not in lost]
+
+
+def lost_reason(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why ``trial`` was failed as lost (its process died, its heartbeat stopped, ...); None if it was not."""
+    return trial.user_attrs.get("lost") or study.user_attrs.get(f"{LOST_PREFIX}{trial.number}")
 
 
 def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:

@@ -28,6 +28,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.metrics import BEST_PREFIX, CONFIRMED_PREFIX, FINAL_ACCURACY, FINAL_SPARSITY, FINAL_TEST_ACCURACY, GOAL_MET
 from harness.sweep.command import Compose, job_config, run_overrides, trial_command
 from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
+from harness.sweep.heartbeat import HeartbeatSettings
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
 from harness.sweep.space import SearchSpace, encode_value, parse_search_space
@@ -48,6 +49,7 @@ from harness.tracking import (
     Tracker,
     finished_or_failed,
     make_tracker,
+    ui_run_page,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class SweeperOptions:
     parent_run_id: str | None
     confirm: dict[str, Any] = field(default_factory=dict)
     enqueue: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat: dict[str, Any] = field(default_factory=dict)  # {} (a caller without the schema): no heartbeat
 
 
 class SweepFailed(HarnessError):
@@ -159,7 +162,8 @@ def _open(options: SweeperOptions, config: DictConfig, identity: StudyIdentity,
             study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),
             directions=list(options.directions), goal_constraint=options.goal_constraint,
             sampler=options.sampler.get("name", "tpe"), seed=options.sampler.get("seed", 0),
-            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate)
+            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate,
+            heartbeat=HeartbeatSettings(**options.heartbeat) if options.heartbeat else None)
         _check_settings(settings)
         study = open_study(settings)
         if not resumed:
@@ -248,9 +252,16 @@ def _check_settings(settings: SweepSettings) -> None:
 
 def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: Path, study: optuna.Study,
                 settings: SweepSettings, identity: StudyIdentity) -> Tracker | None:
-    """The sweep's MLflow run: created once per study, reopened when the sweep resumes."""
+    """The sweep's MLflow run: created once per study, reopened when the sweep resumes or another machine
+    joins it (under a lock: two commands started together on two machines make one parent)."""
     if options.worker:
         return None
+    with study_lock(settings.storage, f"harness.parent-run:{settings.study_name}"):
+        return _open_parent_run(tracking, outputs_dir, study, settings, identity)
+
+
+def _open_parent_run(tracking: TrackingConfig, outputs_dir: Path, study: optuna.Study, settings: SweepSettings,
+                     identity: StudyIdentity) -> Tracker:
     existing = study.user_attrs.get("mlflow_parent_run_id")
     tags = {"optuna.study": settings.study_name, "optuna.storage": settings.storage, "harness.sweep": "parent",
             "harness.study_identity": identity.digest(), RUN_COLOR_TAG: SWEEP_COLOR,
@@ -349,7 +360,7 @@ def sweep_description(study: optuna.Study, chosen: list[Chosen], confirmed: list
     experiment_id = getattr(parent, "experiment_id", None) or "0"
 
     def link(text: str, run_id: str | None) -> str:
-        return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else text
+        return f"[{text}]({ui_run_page(experiment_id, run_id)})" if run_id else text
 
     def num(metrics: dict[str, float], name: str) -> str:
         return f"{metrics[name]:.4f}" if name in metrics else "-"

@@ -9,13 +9,16 @@ a PostgreSQL restart does not fail the run.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 
+from harness.config import TrackingBackend
 from harness.errors import RunStopped
 from harness.goal import goal_threshold
 from harness.sweep.study import PRUNER_ATTR, make_pruner, make_storage, reconnecting
+from harness.tracking import tracking_uri
 
 
 class Pruned(RunStopped, optuna.TrialPruned):
@@ -45,6 +48,7 @@ class TrialLink:
         self.confirmation_seed = confirmation_seed
         self.multi_objective = len(loaded.directions) > 1
         self._goal: Any = None
+        self.tracking_uri: str | None = None  # where the run's MLflow run lives (set by ``plan``)
 
     @staticmethod
     def _load(storage: str, study: str, number: int) -> tuple[optuna.Study, int]:
@@ -73,6 +77,8 @@ class TrialLink:
         """Tell the pruner what this trial can reach: its highest target sparsity and when its
         schedule ends (``harness.sweep.pruners.GoalPruner`` reads these)."""
         self._goal = config.goal
+        if config.tracking.backend == TrackingBackend.mlflow:
+            self.tracking_uri = tracking_uri(config.tracking, Path(config.outputs_dir))
         if self.is_confirmation or not config.prune.enabled:
             return
         pruners = config.prune.resolve()
@@ -99,6 +105,8 @@ class TrialLink:
             reconnecting(lambda: self.study_obj.set_user_attr(key, run_id), f"recording {key}")
         else:
             self._set_attr("mlflow_run_id", run_id)
+            if self.tracking_uri:  # a worker on another machine ends the run FAILED if this one is lost
+                self._set_attr("mlflow_tracking_uri", self.tracking_uri)
 
     def on_baseline(self, val_accuracy: float) -> None:
         """The lowest val accuracy that meets the goal, now that the dense baseline is known."""

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -43,6 +42,16 @@ class ConfirmConf:
 
 
 @dataclass
+class HeartbeatConf:
+    # How a trial lost with another machine is noticed: its worker records a heartbeat in the study every
+    # interval_s; a RUNNING trial without one for grace_s is failed as lost (its MLflow run FAILED) and replaced
+    # by any worker. 300 s outlasts a database restart (ridden out for up to 60 s) and a stalled machine with
+    # room to spare, and costs a lost trial's slot 5 minutes: little beside a sweep of trials of minutes.
+    interval_s: int = 30
+    grace_s: int = 300
+
+
+@dataclass
 class HarnessSweeperConf:
     _target_: str = "hydra_plugins.harness_sweeper.harness_sweeper.HarnessSweeper"
     study_name: str | None = None  # default: "sweep"
@@ -58,6 +67,7 @@ class HarnessSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
     confirm: ConfirmConf = field(default_factory=ConfirmConf)
     enqueue: list[Any] = field(default_factory=list)  # starting points: {searched key: value} asked first
+    heartbeat: HeartbeatConf = field(default_factory=HeartbeatConf)
     worker: bool = False  # set on the helper processes started for n_jobs > 1
     parent_run_id: str | None = None  # set on those helpers: the sweep's MLflow run
 
@@ -81,24 +91,23 @@ class HarnessSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        from harness.sweep.jobs import LaunchedTask  # late, as in __init__: only a sweep sets up its sweeper
+
         self.config = config
         self.config_loader = hydra_context.config_loader
+        # Any launcher: in this process (basic), or a submitit job that pickles the task and its result.
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=LaunchedTask(task_function), config=config)
 
     def sweep(self, arguments: list[str]) -> None:
         # late, as in __init__: Optuna loads only when a sweep runs
-        from harness.sweep.loop import describe_outcome
+        from harness.sweep.jobs import launch_job
         from harness.sweep.sweeper import run_sweep
 
         assert self.config is not None
 
         def launch(overrides: list[str], job_index: int) -> Any:
-            (result,) = self.launcher.launch([overrides], initial_job_idx=job_index)
-            value = result._return_value if result.status == JobStatus.FAILED else result.return_value
-            # The job's own folder (its log, its artifacts): the cwd stays put with hydra.job.chdir=false.
-            folder = OmegaConf.select(result.hydra_cfg, "hydra.runtime.output_dir") if result.hydra_cfg else None
-            return describe_outcome(value, folder or result.working_dir)
+            return launch_job(self.launcher, overrides, job_index)
 
         def compose(overrides: list[str]) -> DictConfig:
             return self.config_loader.load_configuration(config_name=self.config.hydra.job.config_name,
