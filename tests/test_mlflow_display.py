@@ -109,7 +109,8 @@ def test_a_sweep_reads_in_mlflow_like_its_best_trial(tmp_path):
     assert {n: r.data.tags.get("harness.best") for n, r in trials.items()} == \
         {n: ("true" if n == best.number else None) for n in trials}
     note = parent.data.tags[NOTE_TAG]
-    assert f"[t{best.number:02d}](#/experiments/{parent.info.experiment_id}/runs/{best_run.info.run_id}?workflowType=machine_learning)" in note
+    page = f"#/experiments/{parent.info.experiment_id}/runs/{best_run.info.run_id}?workflowType=machine_learning"
+    assert f"[t{best.number:02d}]({page})" in note
     assert "accuracy_vs_sparsity.html" in note
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
