@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # MLflow's display tags (mlflow/utils/mlflow_tags.py, and the UI's own constants).
 NOTE_TAG = "mlflow.note.content"  # a run's description, markdown
+BEST_TAG = "harness.best"  # a sweep's best trial (MlflowTracker.mark_best)
+BEST_SUFFIX = " (best)"  # ... and the end of its name
 RUN_COLOR_TAG = "mlflow.runColor"  # a run's colour in the UI's charts and run list, a CSS colour
 SWEEP_COLOR = "#d62728"  # a sweep's own run: red, a colour no trial gets
 TRIAL_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -205,27 +207,28 @@ class MlflowTracker(Tracker):
         finally:
             self.writer.forget(self._handle)
 
-    def tag_runs(self, run_ids: list[str], tags: Mapping[str, str], clear: Mapping[str, str] | None = None,
-                 among: Mapping[str, str] | None = None) -> bool:
-        """Tag other runs of this experiment (a sweep's best trials, from the sweep's run); ``clear``: tags
-        set first on the experiment's other runs that carry ``tags`` (and ``among``) now: a best that is no
-        longer one. Made from this process, at once; False (and a warning) when the store refuses."""
+    def mark_best(self, run_ids: list[str]) -> bool:
+        """Mark a sweep's best trials among this (parent) run's children: tagged ``harness.best=true`` and
+        named ``<name> (best)``, so that the runs list alone tells which is best; a child marked by an
+        earlier round of the sweep that is no longer best loses both. Made from this process, at once;
+        False (and a warning) when the store refuses."""
         from mlflow.tracking import MlflowClient
 
         try:
             client = MlflowClient(tracking_uri=self.uri)
-            if clear:
-                found = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**tags, **(among or {})}.items())
-                for run in client.search_runs([self.experiment_id], filter_string=found, max_results=1000):
-                    if run.info.run_id not in run_ids:
-                        for key, value in clear.items():
-                            client.set_tag(run.info.run_id, key, value)
-            for run_id in run_ids:
-                for key, value in tags.items():
-                    client.set_tag(run_id, key, value)
+            children = client.search_runs([self.experiment_id], max_results=5000,
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+            for run in children:
+                best = run.info.run_id in run_ids
+                name = run.info.run_name or ""
+                plain = name.removesuffix(BEST_SUFFIX)
+                if best or run.data.tags.get(BEST_TAG) == "true":
+                    client.set_tag(run.info.run_id, BEST_TAG, "true" if best else "false")
+                if name != plain + (BEST_SUFFIX if best else ""):
+                    client.set_tag(run.info.run_id, "mlflow.runName", plain + (BEST_SUFFIX if best else ""))
             return True
-        except Exception as err:  # the sweep's result stands without the tags
-            log.warning("could not tag MLflow runs %s: %s", ", ".join(run_ids), err)
+        except Exception as err:  # the sweep's result stands without the marks
+            log.warning("could not mark the best MLflow runs %s: %s", ", ".join(run_ids), err)
             return False
 
     def describe(self) -> str:

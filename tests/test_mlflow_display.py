@@ -97,7 +97,9 @@ def test_a_sweep_reads_in_mlflow_like_its_best_trial(tmp_path):
     trials = {int(r.data.tags["optuna.trial_number"]): r for r in runs if r.data.tags.get("harness.sweep") == "trial"}
     for number, run in trials.items():
         target = study.trials[number].params["prune.target_sparsity"]
-        assert run.info.run_name == f"t{number:02d}-global-magnitude-{target:.4g}"
+        # the best is told apart in the runs list by its name
+        suffix = " (best)" if number == best.number else ""
+        assert run.info.run_name == f"t{number:02d}-global-magnitude-{target:.4g}{suffix}"
         assert run.data.tags[RUN_COLOR_TAG] != SWEEP_COLOR
     assert parent.info.run_name == "sweep-quick" and parent.data.tags[RUN_COLOR_TAG] == SWEEP_COLOR
 
@@ -120,3 +122,29 @@ def test_a_sweep_reads_in_mlflow_like_its_best_trial(tmp_path):
     for number in trials:
         assert f"trial {number} (t{number:02d})" in page
     assert "reproduce: python -m harness" in page and "accuracy goal" in page
+
+
+def test_the_best_trial_is_marked_by_name_and_tag_and_a_former_best_loses_both(sqlite_uri, tmp_path):
+    parent = MlflowTracker(sqlite_uri, "pruning", run_name="sweep-s", spool_dir=tmp_path)
+    children = {}
+    for name in ("t00-global-magnitude-0.9", "t01-global-magnitude-0.95"):
+        child = MlflowTracker(sqlite_uri, "pruning", run_name=name, tags={"mlflow.parentRunId": parent.run_id},
+                              spool_dir=tmp_path)
+        child.finish()
+        children[name] = child.run_id
+    client = MlflowClient(tracking_uri=sqlite_uri)
+
+    def marks() -> dict[str, tuple[str, str | None]]:
+        return {run_id: (client.get_run(run_id).info.run_name, client.get_run(run_id).data.tags.get("harness.best"))
+                for run_id in children.values()}
+
+    first, second = children.values()
+    assert parent.mark_best([first])
+    assert marks() == {first: ("t00-global-magnitude-0.9 (best)", "true"),
+                       second: ("t01-global-magnitude-0.95", None)}
+    assert parent.mark_best([second])  # a resumed sweep found a better one
+    assert marks() == {first: ("t00-global-magnitude-0.9", "false"),
+                       second: ("t01-global-magnitude-0.95 (best)", "true")}
+    assert parent.mark_best([second])  # the same answer again: nothing doubles
+    assert marks()[second] == ("t01-global-magnitude-0.95 (best)", "true")
+    parent.finish()

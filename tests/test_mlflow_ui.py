@@ -444,6 +444,11 @@ def test_the_sweep_parent_row_shows_its_best_trials_final_metrics(browser, mlflo
         show_columns(browser, hide=[], show=columns)
         row_id = parent_link.find_element(By.XPATH, "./ancestor::div[@role='row'][1]").get_attribute("row-id")
         assert row_id == ui.parent.run_id
+        # the best trial is told apart by its name once the parent is expanded
+        parent_link.find_element(By.XPATH, "./ancestor::div[@role='gridcell'][1]//button").click()
+        best_link = wait_for(browser, lambda d: run_link(d, best.run_id), "the best trial's row")
+        assert best_link.text.strip() == best.name and best.name.endswith(" (best)")
+        assert all(not t.name.endswith(" (best)") for t in ui.trials if t is not best)
         for name in columns:
             cell = wait_for(browser, lambda d, name=name: [
                 c for c in d.find_elements(By.XPATH, f"//div[@role='row'][@row-id='{row_id}']/div[@role='gridcell']")

@@ -327,8 +327,7 @@ def _report(study: optuna.Study, space: SearchSpace, base: list[str], sweep_dir:
         parent.set_tags({"best.trial_number": str(top.number), "best.command": top.command[:5000],
                          "best.mlflow_run_id": top.mlflow_run_id or "", "best.run_id": top.mlflow_run_id or ""})
     if isinstance(parent, MlflowTracker):
-        parent.tag_runs([c.mlflow_run_id for c in chosen if c.mlflow_run_id], {"harness.best": "true"},
-                        clear={"harness.best": "false"}, among={"mlflow.parentRunId": parent.run_id})
+        parent.mark_best([c.mlflow_run_id for c in chosen if c.mlflow_run_id])
     parent.set_tags({NOTE_TAG: sweep_description(study, chosen, confirmed, best, parent)})
     counts = {s.name.lower(): n for s in TrialState
               if (n := len(study.get_trials(deepcopy=False, states=(s,)))) and s != TrialState.WAITING}
