@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from harness.lpot_config import migrate_lpot
-from harness.pruning.lpot import Pruning, common, read_lpot_yaml
+from harness.errors import HarnessError
+from harness.lpot import Pruning, common
+from harness.lpot.document import LpotTrain, read_lpot
+from harness.lpot.migration import migrate
 from harness.pruning.spec import Criterion, Schedule
 
 # The seed document's YAML block, verbatim (LPOT's `reduction: None` included; its two trailing-space
@@ -62,6 +65,14 @@ SEED_YAML = """pruning:                                             # mandotory 
 
 SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_739796d8455ea0d9.txt"
 CONV1 = "layer1.0.conv1.weight"
+
+
+def read_lpot_yaml(source):
+    return read_lpot(source)
+
+
+def migrate_lpot(path):
+    return migrate(read_lpot(path))
 
 
 def write(tmp_path: Path, text: str, name: str = "conf.yaml") -> Path:
@@ -129,6 +140,29 @@ def zeros(t: torch.Tensor) -> int:
     return int((t.detach() == 0).sum())
 
 
+def lpot_loop(prune: Pruning, data: list, epochs: int, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+              post_grad: bool = False, after_step: Callable[[nn.Module], None] | None = None) -> Callable:
+    """A training function in LPOT's own tests' shape, calling the hooks (``on_post_grad`` if asked)."""
+
+    def train_func(model: nn.Module) -> None:
+        opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=0.01)
+        for epoch in range(epochs):
+            prune.on_epoch_begin(epoch)
+            for step, (x, y) in enumerate(data):
+                prune.on_batch_begin(step)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                if post_grad:
+                    prune.on_post_grad()
+                opt.step()
+                if after_step:
+                    after_step(model)
+                prune.on_batch_end()
+            prune.on_epoch_end()
+
+    return train_func
+
+
 # ---- the YAML -----------------------------------------------------------------------------------
 
 
@@ -152,7 +186,7 @@ def test_seed_yaml_is_read_verbatim(tmp_path):
     assert pruner.schedule == Schedule.linear
     assert conf.spec.target_sparsity == 0.3  # the global value, overridden by the pruner
     assert not [k for k in keys(conf.unmapped) if k.startswith("pruning.approach")]
-    assert conf.train["optimizer"]["SGD"]["learning_rate"] == 0.1
+    assert conf.train.learning_rate == 0.1
     assert "pruning.train.frequency" in keys(conf.unmapped)
 
 
@@ -197,7 +231,7 @@ def test_fine_tuning_is_long_enough_for_the_prune_end_epoch(tmp_path):
                                                                       "end_epoch: 4\n            update")
     migration = migrate_lpot(write(tmp_path, text))
     assert migration.values["train"]["finetune_epochs"] == 5  # prune end_epoch 4 <= 5 - 1
-    assert any(line.startswith("pruning.train.end_epoch -> train.finetune_epochs=5") and "raised" in line
+    assert any(line.startswith("pruning.train.end_epoch -> train.finetune_epochs=5") and "extended" in line
                for line in migration.used)
 
 
@@ -277,8 +311,8 @@ def test_out_of_range_values_name_the_lpot_key():
     conf = {"pruning": {"approach": {"weight_compression": {"pruners": [{"target_sparsity": 1.5}]}}}}
     with pytest.raises(ValueError, match=re.escape("weight_compression.pruners[0].target_sparsity=1.5")):
         read_lpot_yaml(conf)
-    conf = {"pruning": {"approach": {"weight_compression": {"pruners": [{"prune_type": "pattern_lock"}]}}}}
-    with pytest.raises(ValueError, match=re.escape("weight_compression.pruners[0].prune_type='pattern_lock'")):
+    conf = {"pruning": {"approach": {"weight_compression": {"pruners": [{"prune_type": "pattern_lok"}]}}}}
+    with pytest.raises(ValueError, match=re.escape("weight_compression.pruners[0].prune_type='pattern_lok'")):
         read_lpot_yaml(conf)
 
 
@@ -288,7 +322,7 @@ def test_fields_absent_from_the_whole_file_take_lpot_defaults():
     assert (pruner.initial_sparsity, pruner.target_sparsity) == (0.0, 0.97)
     assert (pruner.start_epoch, pruner.end_epoch, pruner.update_frequency) == (0, 4, 1.0)
     assert pruner.criterion == Criterion.magnitude and pruner.schedule == Schedule.linear
-    assert conf.train == {} and conf.unmapped == []
+    assert conf.train == LpotTrain() and conf.unmapped == ()
 
 
 # ---- the Python API ---------------------------------------------------------------------------------
@@ -364,7 +398,7 @@ def test_the_yaml_builds_the_training_loop_when_no_pruning_func(tmp_path):
     net = SeedNet()
     prune = Pruning(write(tmp_path, text))
     prune.model = net  # a plain nn.Module works too
-    with pytest.raises(ValueError, match="pruning_func"):
+    with pytest.raises(HarnessError, match="/path/to/imagenet"):  # the YAML's own ImageFolder, absent here
         prune()
     prune.train_dataloader = image_batches()
     model = prune()
@@ -413,19 +447,7 @@ def test_recurrent_and_attention_weights_reach_the_configured_sparsity():
     prune.model = common.Model(net)
     prune.train_dataloader = data
 
-    def train_func(model):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for epoch in range(3):
-            prune.on_epoch_begin(epoch)
-            for step, (x, y) in enumerate(data):
-                prune.on_batch_begin(step)
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-                prune.on_batch_end()
-            prune.on_epoch_end()
-
-    prune.pruning_func = train_func
+    prune.pruning_func = lpot_loop(prune, data, 3, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     model = prune().model
     params = dict(model.named_parameters())
     for name in names:
@@ -439,5 +461,9 @@ def test_nothing_to_train_with_says_what_to_set(tmp_path):
     with pytest.raises(ValueError, match=r"prune\.model"):
         prune()
     prune.model = common.Model(SeedNet())
-    with pytest.raises(ValueError, match=r"prune\.pruning_func.*prune\.train_dataloader"):
+    no_loader = SEED_YAML.replace("    dataloader:", "    unused_loader:").replace("      batch_size: 256", "")
+    no_loader = re.sub(r"    unused_loader:.*?    criterion:", "    criterion:", no_loader, flags=re.S)
+    prune = Pruning(write(tmp_path, no_loader))
+    prune.model = common.Model(SeedNet())
+    with pytest.raises(ValueError, match=r"pruning\.train\.dataloader: missing; set prune\.train_dataloader"):
         prune()

@@ -28,6 +28,7 @@ from .spec import Criterion
 
 __all__ = [
     "CRITERIA",
+    "GradientSensitivity",
     "Magnitude",
     "RandomScores",
     "Scorer",
@@ -226,6 +227,27 @@ class Taylor(_GradientScorer):
         accumulated.add_(step_scores)
 
 
+class GradientSensitivity(_GradientScorer):
+    """LPOT 1.6's elementwise ``gradient_sensitivity``: ``|w * grad|`` summed over every observed
+    step since training began, never reset (Taylor restarts its sum after each update).
+
+    Before any step was observed, the scores are ``|w|``.
+
+    Example::
+
+        w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        w.grad = torch.tensor([3.0, 1.0])
+        gs = GradientSensitivity()
+        gs.observe("w", w)
+        gs.after_update("w")
+        gs.observe("w", w)
+        gs.scores("w", w)  # tensor([6., 4.]): the sum goes on across updates
+    """
+
+    def _accumulate(self, accumulated: torch.Tensor, step_scores: torch.Tensor) -> None:
+        accumulated.add_(step_scores)
+
+
 class SnipMomentum(_GradientScorer):
     """Intel Neural Compressor's ``snip_momentum``: ``score = alpha * score + beta * |w * grad|``
     at every observed step, starting from zero and never reset.
@@ -309,6 +331,7 @@ _SCORERS: dict[Criterion, Callable[[int], Scorer]] = {
     Criterion.taylor: lambda seed: Taylor(),
     Criterion.snip_momentum: lambda seed: SnipMomentum(),
     Criterion.random: lambda seed: RandomScores(seed),
+    Criterion.gradient_sensitivity: lambda seed: GradientSensitivity(),
 }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "NM",
     "Block",
     "Channel",
+    "Lock",
     "MaskPattern",
     "Unstructured",
     "make_pattern",
@@ -111,6 +112,10 @@ class MaskPattern:
         """
         if len(shape) == 0 or math.prod(shape) == 0:
             raise ValueError(f"pattern={self}: {name} {tuple(shape)} has no weights to prune; exclude it")
+
+    def initial_mask(self, param: torch.Tensor) -> torch.Tensor:
+        """The mask a tensor starts with when the engine attaches: all ones (nothing pruned yet)."""
+        return torch.ones_like(param, memory_format=torch.contiguous_format).detach()
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """One float32 score per unit (1-D), from the scores of the weights."""
@@ -443,6 +448,34 @@ class Channel(MaskPattern):
         return f"channel {self.norm.value}"
 
 
+class Lock(_OneWeightUnits):
+    """The zeros a weight has when the engine attaches stay zeros; nothing else is pruned
+    (LPOT's ``pattern_lock``: fine-tune a model that was sparsified before, keeping its pattern).
+    The schedule's sparsity is not used: updates keep the mask as it is.
+
+    Example::
+
+        w = torch.tensor([0.0, 2.0, 0.0, -1.0])
+        Lock().initial_mask(w)  # tensor([0., 1., 0., 1.])
+    """
+
+    def initial_mask(self, param: torch.Tensor) -> torch.Tensor:
+        return param.detach().ne(0).to(param.dtype if param.is_floating_point() else torch.float32) \
+            .contiguous()
+
+    def mask(self, scores: torch.Tensor, sparsity: float, current_mask: torch.Tensor, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        return _into(current_mask.clone(), out)
+
+    def update_mask(self, scorer: Scorer, name: str, param: torch.Tensor, mask: torch.Tensor, sparsity: float,
+                    scratch: Scratch) -> None:
+        pass  # the pattern is locked at attach
+
+    def update_masks(self, scorer: Scorer, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                     sparsity: float, max_sparsity: float | None, scratch: Scratch) -> None:
+        pass
+
+
 def make_pattern(
     pattern: Pattern | str,
     n: int = 2,
@@ -471,6 +504,8 @@ def make_pattern(
         return Unstructured()
     if pattern == Pattern.nm:
         return NM(n, m)
+    if pattern == Pattern.lock:
+        return Lock()
     if pattern == Pattern.block:
         if len(block_shape) != 2:
             raise ValueError(f"block_shape={list(block_shape)}: must be [rows, columns]")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,18 +76,22 @@ class Pruning:
     """Gradual pruning during training, driven by the training loop's callbacks.
 
     Args:
-        spec: a :class:`PruningSpec`; a mapping with its fields (a dict, an OmegaConf node); or the
-            path of a YAML file holding them (an LPOT file, with ``pruning: approach: ...``, works too).
+        spec: a :class:`PruningSpec`, or a mapping with its fields (a dict, an OmegaConf node, a
+            parsed YAML file). The engine reads no files: an LPOT file goes through
+            ``harness.lpot.read_lpot(path).spec``.
 
     Raises:
         ValueError: a field out of range, naming the field, its value and what is allowed.
+        TypeError: a path instead of a spec.
     """
 
-    def __init__(self, spec: PruningSpec | Mapping[str, Any] | str | os.PathLike | None = None) -> None:
+    def __init__(self, spec: PruningSpec | Mapping[str, Any] | None = None) -> None:
         if spec is None:
             spec = PruningSpec()
         elif isinstance(spec, str | os.PathLike):
-            spec = _spec_from_yaml(Path(spec))
+            raise TypeError(f"Pruning({str(spec)!r}): the engine takes a PruningSpec or a mapping of its fields, "
+                            "not a file; for an LPOT YAML use harness.lpot.Pruning(path) or "
+                            "harness.lpot.read_lpot(path).spec, for a plain one yaml.safe_load it first")
         elif not isinstance(spec, PruningSpec):
             spec = PruningSpec.from_mapping(spec)
         self.spec = spec
@@ -152,8 +155,7 @@ class Pruning:
         self.owners = owner  # tensor name -> index of its pruner in pruner_specs
         self._pruners = pruners
         self.params = {name: named[name] for p in pruners for name in p.names}
-        self.masks = {name: torch.ones_like(t, memory_format=torch.contiguous_format).detach()
-                      for name, t in self.params.items()}
+        self.masks = {name: p.pattern.initial_mask(named[name]) for p in pruners for name in p.names}
         self._gradients = GradientMasking(model, self.params, self.masks, self.spec.sparse_grads)
         if optimizer is not None:
             self.use_optimizer(optimizer)
@@ -216,6 +218,10 @@ class Pruning:
         can move a pruned weight even with a zero gradient."""
         if self._hooks:
             return
+        if not self._explicit_steps:
+            # A loop that never marks its optimizer step (LPOT's loops): gradient criteria see the
+            # gradients still there after the step, once per batch.
+            self._observe_gradients()
         if self._step_pending or not self._explicit_steps:
             self.global_step += 1
             self._provisional_steps += not self._explicit_steps
@@ -323,6 +329,14 @@ class Pruning:
                 if observe:
                     pruner.scorer.observe(name, param)
 
+    @torch.no_grad()
+    def _observe_gradients(self) -> None:
+        for pruner in self._pruners:
+            if pruner.scorer.needs_gradients and self.epoch <= pruner.spec.end_epoch:
+                for name in pruner.names:
+                    if self.params[name].grad is not None:
+                        pruner.scorer.observe(name, self.params[name])
+
     def _after_step(self) -> None:
         self.global_step += 1
         if self._optimizer.needs_remasking(self.params, self.masks, self._scratch):
@@ -380,18 +394,3 @@ class Pruning:
             overall=overall_sparsity(rows),
         )
 
-
-def _spec_from_yaml(path: Path) -> PruningSpec:
-    # Late imports: yaml only for a spec given as a file; lpot imports this module (its engine).
-    import yaml
-
-    from .lpot import read_lpot_yaml
-
-    if not path.is_file():
-        raise ValueError(f"pruning config {path}: no such file")
-    with open(path) as f:
-        text = f.read()
-    if "pruning:" in text and "approach" in text:
-        return read_lpot_yaml(path).spec
-    data = yaml.safe_load(text) or {}
-    return PruningSpec.from_mapping(data.get("prune", data) if isinstance(data, dict) else {})

@@ -41,6 +41,7 @@ class Criterion(StrEnum):
     taylor = "taylor"
     snip_momentum = "snip_momentum"
     random = "random"
+    gradient_sensitivity = "gradient_sensitivity"
 
 
 class Pattern(StrEnum):
@@ -50,6 +51,7 @@ class Pattern(StrEnum):
     nm = "nm"
     block = "block"
     channel = "channel"
+    lock = "lock"  # keep the zeros the weights have when attached (LPOT's pattern_lock)
 
 
 class ChannelNorm(StrEnum):
