@@ -133,8 +133,8 @@ from harness.tracking import MlflowTracker
 tracker = MlflowTracker(sys.argv[1], "pruning")
 tracker.log_metrics({"train/loss": 0.5}, 1)
 tracker.flush()
-print(tracker.run_id, flush=True)
-try:
+try:  # (the id printed inside: a Ctrl-C sent as soon as it is read lands here)
+    print(tracker.run_id, flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
     tracker.finish("KILLED")

@@ -124,8 +124,9 @@ def test_sweep_resumes_after_sigkill(tmp_path):
             states = [t.state for t in load(tmp_path).trials]
         except Exception:  # the study does not exist yet
             continue
-        if states.count(TrialState.COMPLETE) == 1 and TrialState.RUNNING in states:
-            time.sleep(1.5)  # let the running trial open its MLflow run
+        running = [t for t in load(tmp_path).trials if t.state == TrialState.RUNNING]
+        # killed as soon as the running trial has opened its MLflow run: far from its end, even on a loaded machine
+        if states.count(TrialState.COMPLETE) == 1 and running and "mlflow_run_id" in running[0].user_attrs:
             break
     process.send_signal(signal.SIGKILL)
     process.wait()
