@@ -112,6 +112,9 @@ class TrainConfig:
     # The fine-tuning's randomness (data order, initial RNG state); unset: seed + 1. ``seed`` keeps
     # choosing the dense baseline, so other fine-tuning seeds re-run the same baseline.
     finetune_seed: int | None = None
+    # At most this many optimizer steps per fine-tuning epoch (LPOT's ``pruning.train.iteration``);
+    # unset: every batch of the train split.
+    finetune_steps_per_epoch: int | None = None
 
     def finetune_seed_for(self, seed: int) -> int:
         return self.finetune_seed if self.finetune_seed is not None else seed + 1
@@ -123,6 +126,9 @@ class TrainConfig:
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key}", getattr(self, key), "must be >= 1")
+        if self.finetune_steps_per_epoch is not None and self.finetune_steps_per_epoch < 1:
+            _fail("train.finetune_steps_per_epoch", self.finetune_steps_per_epoch,
+                  "must be >= 1 (or null: every batch)")
         for key in ("lr", "finetune_lr"):
             if not getattr(self, key) > 0:
                 _fail(f"train.{key}", getattr(self, key), "must be > 0")

@@ -94,10 +94,16 @@ class Tuned:
     history: list[EpochResult] = field(default_factory=list)
 
 
+def finetune_steps(exp: Experiment) -> int:
+    """Optimizer steps per fine-tuning epoch: every batch, or ``train.finetune_steps_per_epoch`` of them."""
+    cap = exp.cfg.train.finetune_steps_per_epoch
+    return len(exp.data.train) if cap is None else min(cap, len(exp.data.train))
+
+
 def attach_pruning(prune: PruneConfig, exp: Experiment) -> Pruning:
     """The engine on the model; tensor-name errors become config errors."""
     try:
-        pruning = Pruning(prune).attach(exp.model, steps_per_epoch=len(exp.data.train))
+        pruning = Pruning(prune).attach(exp.model, steps_per_epoch=finetune_steps(exp))
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
     for name, reason in pruning.skipped.items():
@@ -141,7 +147,8 @@ def finetune_with_pruning(exp: Experiment, pruning: Pruning, tracker: Tracker, t
     try:
         history = fit(exp.model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.finetune_epochs,
                       lr=cfg.train.finetune_lr, device=exp.device, callbacks=[pruning, *([trial] if trial else [])],
-                      log_metrics=tracker.log_metrics, desc="prune", resume=resume.loop if resume else None)
+                      log_metrics=tracker.log_metrics, desc="prune", resume=resume.loop if resume else None,
+                      steps_per_epoch=finetune_steps(exp))
     except Interrupted as stop:
         if exp.world.is_main:  # one checkpoint for all ranks: they stopped at the same step
             path = checkpoints.save(output_dir, cfg, stop.state, pruning.state_dict(), updates, tracker.run_id,

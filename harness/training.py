@@ -145,17 +145,20 @@ def fit(
     log_metrics: MetricsSink | None = None,
     desc: str = "train",
     resume: LoopState | None = None,
+    steps_per_epoch: int | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` for ``epochs`` epochs, evaluating on ``val_loader`` after each.
 
+    ``steps_per_epoch`` caps an epoch's optimizer steps (the first batches of its shuffle; None: all).
     ``log_metrics(metrics, step)`` receives ``train/loss`` at every optimizer step and
     ``val/accuracy`` at each epoch end, both at the global optimizer step. SIGINT and SIGTERM
     stop the loop between two steps with :class:`Interrupted`, which carries the state that
     ``resume=`` continues from; a NaN or infinite loss raises :class:`Diverged`.
     """
     world = distributed.current()
+    steps = len(train_loader) if steps_per_epoch is None else min(steps_per_epoch, len(train_loader))
     optimizer = make_optimizer(model.parameters(), cfg, lr)
-    scheduler = make_lr_scheduler(optimizer, cfg, epochs * len(train_loader))
+    scheduler = make_lr_scheduler(optimizer, cfg, epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
     hooks = _CallbackList(callbacks)
     model.to(device).train()
@@ -178,7 +181,7 @@ def fit(
         if hasattr(callback, "use_optimizer"):
             callback.use_optimizer(optimizer)
     # disable=None: a bar on a terminal, nothing in a non-interactive log (the epoch lines stay).
-    bar = tqdm(total=epochs * len(train_loader), initial=global_step, desc=desc, unit="step",
+    bar = tqdm(total=epochs * steps, initial=global_step, desc=desc, unit="step",
                disable=None if world.is_main else True, leave=False)
     hooks("on_train_begin")
     with _stop_on_signals(world) as stop:
@@ -195,7 +198,7 @@ def fit(
                 for _ in range(first_step):
                     next(batches)  # the same data order as the interrupted run
                 _set_rng(resume.rng)
-            for step in range(first_step if resuming else 0, len(train_loader)):
+            for step in range(first_step if resuming else 0, steps):
                 if stop.signal_name:
                     raise Interrupted(stop.signal_name, LoopState(
                         epoch, step, global_step, float(loss_sum), list(history), _cpu(model.state_dict()),
@@ -221,7 +224,7 @@ def fit(
                 bar.update()
             hooks("on_epoch_end")
             val_accuracy = evaluate(model, val_loader, device)
-            result = EpochResult(epoch, float(loss_sum) / max(1, len(train_loader)), val_accuracy, global_step)
+            result = EpochResult(epoch, float(loss_sum) / max(1, steps), val_accuracy, global_step)
             history.append(result)
             if log_metrics is not None:
                 log_metrics({VAL_ACCURACY: val_accuracy}, global_step)

@@ -212,7 +212,8 @@ def test_seed_yaml_migrates_to_valid_harness_values(tmp_path):
     assert prune["pruners"][0]["target_sparsity"] == 0.97
     assert "pruning.train.optimizer.SGD.learning_rate -> train.finetune_lr=0.1" in migration.used
     unmapped = keys(migration.unmapped)
-    for key in ("pruning.train.iteration", "pruning.train.frequency",
+    assert train["finetune_steps_per_epoch"] == 100  # LPOT's iteration: batches per epoch
+    for key in ("pruning.train.frequency",
                 "pruning.train.criterion.CrossEntropyLoss.reduction"):
         assert key in unmapped
     assert not [k for k in unmapped if k.startswith("pruning.approach")]

@@ -106,6 +106,7 @@ def test_baseline_cache_hit_and_miss(tmp_path):
     ("prune.target_sparsity=0.5", True),
     ("train.finetune_epochs=9", True),
     ("train.finetune_lr=0.001", True),
+    ("train.finetune_steps_per_epoch=3", True),
     ("goal.max_drop=0.05", True),
     ("tracking=none", True),
     ("train.epochs=3", False),
@@ -117,6 +118,19 @@ def test_baseline_cache_hit_and_miss(tmp_path):
 ])
 def test_baseline_key_covers_what_determines_the_dense_weights(override, same):
     assert (baseline_key(compose_config([override])) == baseline_key(compose_config())) == same
+
+
+def test_fine_tuning_epochs_can_be_capped_at_a_number_of_steps(tmp_path):
+    # LPOT's `iteration` (batches per epoch) is train.finetune_steps_per_epoch: the schedule counts those steps.
+    result = run_cli(["prune.target_sparsity=0.8", "train.finetune_steps_per_epoch=4", *FAST], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 13))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [4, 8, 12]
+    # two updates per epoch of 4 steps, epochs 0..2, and the target reached
+    sparsity = client.get_metric_history(run.info.run_id, "sparsity/overall")
+    assert [m.step for m in sparsity] == [0, 2, 4, 6, 8] and sparsity[-1].value == pytest.approx(0.8, abs=0.005)
 
 
 def test_dense_only_run_without_tracking(tmp_path):

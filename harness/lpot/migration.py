@@ -119,10 +119,6 @@ def migrate(doc: LpotDocument) -> LpotMigration:
     draft = _training(doc)
     draft.unmapped += [line for line in doc.unmapped if not line.startswith("tuning")]
     _map_prune(doc, draft)
-    if doc.train.iteration is not None:
-        draft.skip(doc.train.source["iteration"],
-                   f"not used (the harness trains on every batch of the training split each epoch; LPOT stopped "
-                   f"an epoch after {doc.train.iteration} batches; the Python API honours it)")
     if doc.tuning is not None:
         _map_tuning(doc.tuning, draft)
     return draft.done(None)
@@ -136,6 +132,9 @@ def training_migration(doc: LpotDocument) -> LpotMigration:
 def _training(doc: LpotDocument) -> _Draft:
     draft = _Draft(notices=list(doc.notices))
     _map_epochs(doc, draft)
+    if doc.train.iteration is not None:
+        draft.set(doc.train.source["iteration"], "train.finetune_steps_per_epoch", doc.train.iteration,
+                  "LPOT stopped each epoch after this many batches")
     _map_optimizer(doc, draft)
     _map_loss(doc, draft)
     if doc.train.dataloader is not None:
