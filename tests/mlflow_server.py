@@ -56,13 +56,22 @@ class Server:
         raise AssertionError(f"mlflow server did not start: {log.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
+        if self.process is not None and self.process.poll() is None:
+            stop_session(self.process, timeout=15)
+
+
+def stop_session(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a server started in its own session (its workers with it), SIGKILL after ``timeout``; a server
+    already gone has any worker it left in its session killed."""
+    if process.poll() is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

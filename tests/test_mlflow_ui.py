@@ -53,6 +53,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from .conftest import REPO
+from .mlflow_server import stop_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.ui]
 
@@ -298,18 +299,7 @@ class MlflowServer:
         raise AssertionError(f"mlflow server {failure}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        else:  # the server is gone; end any worker it left in its session
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop_session(self.process, timeout=10)
 
     def api(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
