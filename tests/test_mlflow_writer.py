@@ -129,8 +129,11 @@ def test_a_writer_that_died_is_reported_and_replaced(sqlite_uri):
 
 
 SCRIPT = """
-import sys, time
+import signal, sys, time
 from harness.tracking import MlflowTracker
+# Ctrl-C as in a terminal's foreground: a shell's background job (pytest started with `&`) hands its
+# children SIGINT ignored, and Python keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 tracker = MlflowTracker(sys.argv[1], "pruning")
 tracker.log_metrics({"train/loss": 0.5}, 1)
 tracker.flush()
