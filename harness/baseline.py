@@ -30,8 +30,8 @@ from harness.locking import file_lock
 log = logging.getLogger(__name__)
 
 # TrainConfig fields that do not change the dense weights.
-_NOT_IN_KEY = {"finetune_epochs", "finetune_lr", "finetune_seed", "finetune_steps_per_epoch", "device",
-               "eval_batch_size"}
+_NOT_IN_KEY = {"finetune_epochs", "finetune_lr", "finetune_seed", "finetune_steps_per_epoch", "distill_weight",
+               "distill_temperature", "device", "eval_batch_size"}
 _CACHE_VERSION = 1  # bump when the training code changes what a key produces
 
 

@@ -30,8 +30,9 @@ arm pays for training it) by three arms:
    the 3 runs are reported beside the single run. When the mean misses the goal, the hand loop
    does not search further (that would exceed its budget): its answer did not hold;
 3. a grid of the harness's own runs by hand, ``prune.scope=global`` at a few target sparsities,
-   with the default fine-tuning recipe and with a long one (24 epochs, lr 0.05, cosine, pruning
-   until epoch 12), in this process (``harness.runner.run``); its answer per recipe is the
+   with the default fine-tuning recipe, with a long one (40 epochs, lr 0.1, cosine, pruning until
+   epoch 16), and with the sweep's own starting recipe (the long one with distillation from the
+   dense model, ``train.distill_weight=0.5``), in this process (``harness.runner.run``); its answer per recipe is the
    highest target that met the goal on val.
 
 Every row reports test accuracy beside val, and whether the goal also holds on test (relative
@@ -77,13 +78,16 @@ from harness.tracking import Tracker
 from harness.training import evaluate, seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
-GRID_SPARSITIES = (0.95, 0.97, 0.98, 0.985, 0.99)
+GRID_SPARSITIES = (0.95, 0.97, 0.98, 0.985, 0.99, 0.995, 0.997, 0.998)
 GRID_RECIPES: dict[str, dict[str, str]] = {
     "default": {},
-    "long": {"train.finetune_epochs": "24", "train.finetune_lr": "0.05", "train.lr_schedule": "cosine",
-             "prune.end_epoch": "12"},
+    "long": {"train.finetune_epochs": "40", "train.finetune_lr": "0.1", "train.lr_schedule": "cosine",
+             "prune.end_epoch": "16"},
+    # the sweep's starting recipe (sweeps/max_sparsity.yaml): the long one, learning from the dense model too
+    "long + distillation": {"train.finetune_epochs": "40", "train.finetune_lr": "0.1", "train.lr_schedule": "cosine",
+                            "prune.end_epoch": "16", "train.distill_weight": "0.5"},
 }
-AMOUNT_RANGE = (0.5, 0.995)  # the hand loop's search space
+AMOUNT_RANGE = (0.5, 0.999)  # the hand loop's search space (up to the sweep's own cap)
 LR_RANGE = (1e-3, 0.2)
 QUICK_SWEEP_ARGS = ["hydra.sweeper.n_trials=3", "train.finetune_epochs=3", "prune.start_epoch=0", "prune.end_epoch=1"]
 QUICK_GRID = {"train.finetune_epochs": "3", "prune.end_epoch": "1"}
@@ -541,7 +545,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
     parser.add_argument("--sweep-walls", default="", help="with --reuse-sweeps: the sweeps' wall times in seconds, "
                         "one per seed of --seeds, used where no sweep-N.wall file exists")
     parser.add_argument("--budget", type=int, default=30, help="hand loop runs when the sweep gives no budget")
-    parser.add_argument("--epochs", type=int, default=24, help="the hand loop's fine-tuning epochs (the sweep "
+    parser.add_argument("--epochs", type=int, default=40, help="the hand loop's fine-tuning epochs (the sweep "
                                                                "recipe's)")
     parser.add_argument("--sweep-args", default="", help="extra overrides for every sweep, one shell-quoted string")
     parser.add_argument("--markdown", type=Path, help="also write the table to this path")

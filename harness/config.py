@@ -115,6 +115,10 @@ class TrainConfig:
     # At most this many optimizer steps per fine-tuning epoch (LPOT's ``pruning.train.iteration``);
     # unset: every batch of the train split.
     finetune_steps_per_epoch: int | None = None
+    # Fine-tuning learns from the dense baseline's outputs too (knowledge distillation): the share of
+    # the loss given to the teacher (0: labels only) and the temperature that softens both outputs.
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     def finetune_seed_for(self, seed: int) -> int:
         return self.finetune_seed if self.finetune_seed is not None else seed + 1
@@ -138,6 +142,11 @@ class TrainConfig:
             _fail("train.nesterov", self.nesterov, "needs train.optimizer=sgd with train.momentum > 0")
         if self.weight_decay < 0:
             _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            _fail("train.distill_weight", self.distill_weight,
+                  "must be in [0, 1] (0: labels only, 1: the dense model's outputs only)")
+        if not self.distill_temperature > 0:
+            _fail("train.distill_temperature", self.distill_temperature, "must be > 0")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
 

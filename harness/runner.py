@@ -72,7 +72,8 @@ def run(cfg: Config, output_dir: Path, trial: Any = None, resume: checkpoints.Ch
         dense = copy.deepcopy(exp.model) if pruning is not None else None  # to measure what pruning bought
         if pruning is not None and cfg.prune.allocation == Allocation.sensitivity:
             pruning = sensitivity_budgets(exp, baseline, pruning, tracker)
-        tuned = finetune_with_pruning(exp, pruning, tracker, trial, resume, output_dir) if pruning else Tuned(exp.model)
+        tuned = (finetune_with_pruning(exp, pruning, tracker, trial, resume, output_dir, teacher=dense)
+                 if pruning else Tuned(exp.model))
         metrics, verdict, rows = evaluate_and_judge(exp, baseline, tuned)
         if not exp.world.is_main:  # rank 0 measures, writes and reports for all
             return RunResult(metrics, verdict, None, output_dir)
@@ -127,8 +128,10 @@ def sensitivity_budgets(exp: Experiment, baseline: Baseline, pruning: Pruning, t
 
 
 def finetune_with_pruning(exp: Experiment, pruning: Pruning, tracker: Tracker, trial: Any,
-                          resume: checkpoints.Checkpoint | None, output_dir: Path) -> Tuned:
-    """Fine-tune while the engine prunes on its schedule; an interrupt saves a checkpoint to resume from."""
+                          resume: checkpoints.Checkpoint | None, output_dir: Path,
+                          teacher: nn.Module | None = None) -> Tuned:
+    """Fine-tune while the engine prunes on its schedule; an interrupt saves a checkpoint to resume from.
+    ``teacher`` (the dense baseline) is what ``train.distill_weight`` > 0 distills from."""
     cfg = exp.cfg
     # Same fine-tuning randomness whether the baseline was just trained or loaded.
     finetune_seed = cfg.train.finetune_seed_for(cfg.seed)
@@ -148,7 +151,7 @@ def finetune_with_pruning(exp: Experiment, pruning: Pruning, tracker: Tracker, t
         history = fit(exp.model, exp.data.train, exp.data.val, cfg.train, epochs=cfg.train.finetune_epochs,
                       lr=cfg.train.finetune_lr, device=exp.device, callbacks=[pruning, *([trial] if trial else [])],
                       log_metrics=tracker.log_metrics, desc="prune", resume=resume.loop if resume else None,
-                      steps_per_epoch=finetune_steps(exp))
+                      steps_per_epoch=finetune_steps(exp), teacher=teacher)
     except Interrupted as stop:
         if exp.world.is_main:  # one checkpoint for all ranks: they stopped at the same step
             path = checkpoints.save(output_dir, cfg, stop.state, pruning.state_dict(), updates, tracker.run_id,

@@ -128,6 +128,27 @@ class LoopState:
     rng: dict[str, Any]  # torch, numpy and random at the interruption
 
 
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, targets)
+
+
+class DistillationLoss:
+    """Cross-entropy on the labels mixed with the KL divergence to a teacher's softened outputs
+    (weight ``w`` on the teacher, temperature ``T``; scaled by T^2 so its gradients keep their size)."""
+
+    def __init__(self, teacher: nn.Module, weight: float, temperature: float) -> None:
+        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        t = self.temperature
+        soft = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1),
+                                    nn.functional.log_softmax(teacher_logits / t, dim=1),
+                                    reduction="batchmean", log_target=True) * t * t
+        return (1 - self.weight) * nn.functional.cross_entropy(logits, targets) + self.weight * soft
+
+
 class Diverged(HarnessError):
     """The training loss became NaN or infinite."""
 
@@ -146,10 +167,13 @@ def fit(
     desc: str = "train",
     resume: LoopState | None = None,
     steps_per_epoch: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` for ``epochs`` epochs, evaluating on ``val_loader`` after each.
 
     ``steps_per_epoch`` caps an epoch's optimizer steps (the first batches of its shuffle; None: all).
+    With a ``teacher`` (and ``cfg.distill_weight`` > 0) the loss also pulls the model's softened
+    outputs towards the teacher's (knowledge distillation, Hinton et al. 2015).
     ``log_metrics(metrics, step)`` receives ``train/loss`` at every optimizer step and
     ``val/accuracy`` at each epoch end, both at the global optimizer step. SIGINT and SIGTERM
     stop the loop between two steps with :class:`Interrupted`, which carries the state that
@@ -159,7 +183,10 @@ def fit(
     steps = len(train_loader) if steps_per_epoch is None else min(steps_per_epoch, len(train_loader))
     optimizer = make_optimizer(model.parameters(), cfg, lr)
     scheduler = make_lr_scheduler(optimizer, cfg, epochs * steps)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
+    if teacher is not None and cfg.distill_weight > 0:
+        teacher.to(device).eval()
+        loss_fn = DistillationLoss(teacher, cfg.distill_weight, cfg.distill_temperature)
     hooks = _CallbackList(callbacks)
     model.to(device).train()
     # On several processes the steps go through DDP (gradients averaged over the ranks); the engine's
@@ -205,8 +232,8 @@ def fit(
                         optimizer.state_dict(), scheduler.state_dict(), epoch_generator, _get_rng()))
                 inputs, targets = next(batches)
                 hooks("on_batch_begin", step)
-                loss = loss_fn(step_model(inputs.to(device, non_blocking=True)),
-                               targets.to(device, non_blocking=True))
+                inputs = inputs.to(device, non_blocking=True)
+                loss = loss_fn(step_model(inputs), targets.to(device, non_blocking=True), inputs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 hooks("on_before_optimizer_step")

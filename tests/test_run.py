@@ -107,6 +107,8 @@ def test_baseline_cache_hit_and_miss(tmp_path):
     ("train.finetune_epochs=9", True),
     ("train.finetune_lr=0.001", True),
     ("train.finetune_steps_per_epoch=3", True),
+    ("train.distill_weight=0.5", True),
+    ("train.distill_temperature=2", True),
     ("goal.max_drop=0.05", True),
     ("tracking=none", True),
     ("train.epochs=3", False),

@@ -175,6 +175,25 @@ def test_a_losing_trial_is_pruned_and_its_run_says_so(tmp_path):
     assert study.trials[trial.number].user_attrs["mlflow_run_id"] == run.info.run_id
 
 
+def test_a_trial_that_cannot_beat_the_best_is_stopped_and_told_to_the_sampler_as_infeasible(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="g", storage=storage, direction="maximize")
+    study.set_user_attr(PRUNER_ATTR, {"name": "goal"})
+    study.add_trial(create_trial(value=0.95, intermediate_values={0: 0.98}, user_attrs={},
+                                 system_attrs={"constraints:accuracy_goal": -0.01}))
+    trial = study.ask()
+    link = TrialLink(storage, "g", trial.number, None)
+    cfg = compose_config(["train.epochs=1", "train.finetune_epochs=3", "prune.end_epoch=2",
+                          "prune.target_sparsity=0.8", "tracking=none", f"outputs_dir={tmp_path}"])
+    link.plan(cfg)  # what TrialLink.from_config does for a sweep's job
+    with pytest.raises(Pruned, match=r"after epoch 0: its target 0.8000 cannot beat the best sparsity that met "
+                                     r"the goal \(0.9500\)"):
+        runner.run(cfg, tmp_path / "run", trial=link)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    stopped = study.trials[trial.number]
+    assert stopped.constraints == {"beats_best_sparsity": pytest.approx(0.95 - 0.001 - 0.8)}
+
+
 def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path):
     settings = SweepSettings(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=5,
                              objectives=["final/sparsity"], directions=["maximize"], goal_constraint=True,

@@ -136,6 +136,29 @@ def test_goal_pruner_stops_a_trial_too_far_under_the_goal_to_recover_and_never_t
     assert [t.values[0] for t in feasible_candidates(study)] == [0.95, 0.85, 0.8]
 
 
+def test_trials_stopped_below_the_best_steer_tpe_above_it():
+    # Optuna's TPE ranks a pruned trial by its last val accuracy: the low targets that cannot win
+    # (stopped at their first epoch, accuracy still high) would look like the good region. Told as
+    # infeasible (their shortfall under the best), they weigh against it instead.
+    dist = {"t": optuna.distributions.FloatDistribution(0.9, 0.999)}
+
+    def next_target(told: bool, seed: int) -> float:
+        study = optuna.create_study(direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+        study.add_trial(optuna.trial.create_trial(params={"t": 0.997}, distributions=dist, value=0.997,
+                                                  system_attrs={"constraints:accuracy_goal": -0.01}))
+        for i in range(14):  # 0.9 ... 0.9845, all under the best, stopped at their first epoch
+            t = 0.9 + 0.0065 * i
+            attrs = {"constraints:beats_best_sparsity": 0.996 - t} if told else {}
+            study.add_trial(optuna.trial.create_trial(params={"t": t}, distributions=dist, state=TrialState.PRUNED,
+                                                      intermediate_values={0: 0.985 - 0.001 * i}, system_attrs=attrs))
+        return study.ask(dist).params["t"]
+
+    told = sum(next_target(True, seed) >= 0.996 for seed in range(40))
+    untold = sum(next_target(False, seed) >= 0.996 for seed in range(40))
+    assert told >= 28 and told > untold  # measured: 32 of 40 against 22 of 40
+
+
 # -- confirmation ---------------------------------------------------------------------------------
 
 def test_confirmation_reports_the_sparsest_candidate_whose_mean_meets_the_goal_and_runs_once(tmp_path):

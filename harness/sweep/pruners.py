@@ -27,6 +27,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.metrics import FINAL_SPARSITY
 
+# The constraint a trial stopped by "cannot beat the best" records (> 0: how far its target is under the best).
+BEATS_BEST = "beats_best_sparsity"
 RECOVERY_FACTOR = 2.0  # a trial may recover twice the most any finished trial did (deeper dips recover more)
 
 
@@ -58,11 +60,17 @@ class GoalPruner(optuna.pruners.BasePruner):
         return self.cannot_beat_best(study, plan) or self.cannot_recover(study, trial, plan, step)
 
     def cannot_beat_best(self, study: optuna.Study, plan: dict) -> bool:
+        shortfall = self.shortfall(study, plan)
+        return shortfall is not None and shortfall > 0
+
+    def shortfall(self, study: optuna.Study, plan: dict) -> float | None:
+        """How far the trial's highest reachable sparsity is under the best feasible one (less the
+        tolerance); > 0: it cannot beat the best. None when the rule does not apply."""
         ceiling = plan.get("sparsity_ceiling")
         if ceiling is None or self.objective != FINAL_SPARSITY or study.direction != StudyDirection.MAXIMIZE:
-            return False
+            return None
         best = best_feasible_value(study)
-        return best is not None and ceiling < best - self.tolerance
+        return None if best is None else best - self.tolerance - ceiling
 
     def cannot_recover(self, study: optuna.Study, trial: FrozenTrial, plan: dict, step: int) -> bool:
         goal, end, epochs = trial.user_attrs.get("goal_accuracy"), plan.get("schedule_end_epoch"), plan.get("epochs")

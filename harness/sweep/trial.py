@@ -17,6 +17,7 @@ import optuna
 from harness.config import TrackingBackend
 from harness.errors import RunStopped
 from harness.goal import goal_threshold
+from harness.sweep.pruners import BEATS_BEST, GoalPruner
 from harness.sweep.study import PRUNER_ATTR, make_pruner, make_storage, reconnecting
 from harness.tracking import tracking_uri
 
@@ -48,6 +49,7 @@ class TrialLink:
         self.confirmation_seed = confirmation_seed
         self.multi_objective = len(loaded.directions) > 1
         self._goal: Any = None
+        self._plan: dict[str, Any] = {}
         self.tracking_uri: str | None = None  # where the run's MLflow run lives (set by ``plan``)
 
     @staticmethod
@@ -82,11 +84,12 @@ class TrialLink:
         if self.is_confirmation or not config.prune.enabled:
             return
         pruners = config.prune.resolve()
-        self._set_attr("plan", {
+        self._plan = {
             "sparsity_ceiling": max(p.target_sparsity for p in pruners),
             "schedule_end_epoch": max(p.end_epoch for p in pruners),
             "epochs": config.train.finetune_epochs,
-        })
+        }
+        self._set_attr("plan", self._plan)
 
     def tags(self) -> dict[str, str]:
         tags = {"optuna.study": self.study, "optuna.trial_number": str(self.number),
@@ -118,8 +121,20 @@ class TrialLink:
             return
         # A report sets the epoch's value: sent again after a lost connection, it is still one report.
         reconnecting(lambda: self.trial.report(accuracy, step=epoch), f"reporting trial {self.number}'s epoch {epoch}")
-        if reconnecting(self.trial.should_prune, f"asking the pruner about trial {self.number}"):
-            raise Pruned(f"pruned by the study's pruner after epoch {epoch} (val accuracy {accuracy:.4f})")
+        if not reconnecting(self.trial.should_prune, f"asking the pruner about trial {self.number}"):
+            return
+        pruner = self.study_obj.pruner
+        shortfall = pruner.shortfall(self.study_obj, self._plan) if isinstance(pruner, GoalPruner) else None
+        if shortfall is not None and shortfall > 0:
+            # Told to the sampler as a violated constraint: Optuna's TPE ranks a pruned trial by its last
+            # val accuracy, which is highest for the low targets that cannot win; as infeasible trials
+            # they weigh against their region instead, so the search moves above the best.
+            reconnecting(lambda: self.trial.set_constraint(BEATS_BEST, shortfall),
+                         f"recording trial {self.number}'s constraint")
+            ceiling = self._plan["sparsity_ceiling"]
+            raise Pruned(f"pruned after epoch {epoch}: its target {ceiling:.4f} cannot beat the best sparsity "
+                         f"that met the goal ({ceiling + pruner.tolerance + shortfall:.4f})")
+        raise Pruned(f"pruned by the study's pruner after epoch {epoch} (val accuracy {accuracy:.4f})")
 
     def _set_attr(self, key: str, value: Any) -> None:
         reconnecting(lambda: self.trial.set_user_attr(key, value), f"recording trial {self.number}'s {key}")
