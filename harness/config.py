@@ -283,6 +283,8 @@ class Config:
     outputs_dir: str = "outputs"  # caches and stores; Hydra's run dirs are set in conf/config.yaml
     lpot: str | None = None  # an LPOT / Intel Neural Compressor pruning YAML to run (see harness/lpot_config.py)
     sweep_trial: SweepTrialConfig = field(default_factory=SweepTrialConfig)
+    # The metric a sweep optimizes when hydra.sweeper.objectives is not given (lightning-hydra-template's key).
+    optimized_metric: str | None = None
     resume: str | None = None  # continue an interrupted run: its run dir, checkpoint file or MLflow run id
 
     def __post_init__(self) -> None:

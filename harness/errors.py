@@ -14,6 +14,10 @@ from typing import Any
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EISDIR}
 
 
+# Schema fields that Hydra reads for itself (a config's defaults list, how it is instantiated): never a user's key.
+_HIDDEN_FIELDS = ("defaults", "_recursive_")
+
+
 class HarnessError(Exception):
     """A mistake the user can fix; the message names the key, the bad value and what is allowed."""
 
@@ -57,13 +61,16 @@ def user_error_message(err: BaseException) -> str | None:
         return _first_line(str(err))
     if isinstance(err, OverrideParseException):
         return f"cannot parse override {err.override!r}: {_first_line(err.message)}"
-    cause = err.__cause__ if isinstance(err, ConfigCompositionException) else err
+    # Hydra raises some composition errors without ``from`` (a config file's unknown key): the cause is the context.
+    cause = (err.__cause__ or err.__context__) if isinstance(err, ConfigCompositionException) else err
+    where = _where(err)
     if isinstance(cause, MissingMandatoryValue):
         return f"{cause.full_key}: a value is required; set {cause.full_key}=..."
     if isinstance(cause, OmegaConfBaseException) and "not in" in str(cause):
-        return _unknown_key_message(cause, _overridden_key(err))
+        return where + _unknown_key_message(cause, _overridden_key(err))
     if isinstance(cause, OmegaConfBaseException):
-        return f"{_override_text(err) or cause.full_key}: {_first_line(str(cause))}"
+        text = _override_text(err)
+        return f"{text}: {_first_line(str(cause))}" if text else f"{where}{cause.full_key}: {_first_line(str(cause))}"
     if isinstance(err, ConfigCompositionException):
         return _first_line(str(err))
     return None
@@ -81,10 +88,16 @@ def unknown_key_message(key: str, schema: Any) -> str:
     """``key``: unknown key, with the closest names among the fields of ``schema`` (a dataclass)."""
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         return f"{key}: unknown key"
-    allowed = sorted(f.name for f in dataclasses.fields(schema))
+    allowed = sorted(f.name for f in dataclasses.fields(schema) if f.name not in _HIDDEN_FIELDS)
     close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
     hint = f"closest: {', '.join(close)}; " if close else ""
     return f"{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
+
+
+def _where(err: BaseException) -> str:
+    """'in sweep/x: ' when Hydra says which config file held the mistake; else empty."""
+    match = re.match(r"In '([^']+)':", str(err))
+    return f"in {match.group(1)}: " if match else ""
 
 
 def _overridden_key(err: BaseException) -> str | None:

@@ -37,6 +37,10 @@ DEPLOY_BATCH_SIZE = "deploy/batch_size"  # the images in the batch timed and cou
 DEPLOY_ROUNDS = "deploy/rounds"  # the side-by-side rounds timed; 0: latency not measured
 DEPLOY_TIMING_S = "deploy/timing_s"  # the seconds the latency timing took, warm-up included
 
+# What a run returns to a sweep (objectives are chosen among these).
+RUN_SUMMARY = (BASELINE_ACCURACY, BASELINE_TEST_ACCURACY, FINAL_ACCURACY, FINAL_TEST_ACCURACY, FINAL_SPARSITY,
+               GOAL_MET, GOAL_ACCURACY_DROP, GOAL_EXCESS_DROP, LATENCY_DENSE_MS, LATENCY_PRUNED_MS, SPEEDUP,
+               SIZE_DENSE_BYTES, SIZE_COMPRESSED_BYTES, MACS_DENSE, MACS_NONZERO)
 BEST_PREFIX = "best/"  # a sweep's parent run: the best trial's summary metrics
 CONFIRMED_PREFIX = "best/confirmed/"  # ... and the confirmed best's
 

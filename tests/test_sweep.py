@@ -3,6 +3,7 @@ several workers sharing one study (SQLite, and PostgreSQL on loopback)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,8 +21,9 @@ from harness import runner
 from harness.errors import RunStopped
 from harness.sweep.loop import Outcome, SweepSettings, describe_outcome, run_worker
 from harness.sweep.space import parse_search_space
-from harness.sweep.study import PRUNER_ATTR
+from harness.sweep.study import PRUNER_ATTR, make_pruner
 from harness.sweep.trial import Pruned, TrialLink
+from hydra_plugins.harness_sweeper.harness_sweeper import HarnessSweeperConf, PrunerConf
 
 from .conftest import REPO, compose_config
 
@@ -178,7 +180,7 @@ def test_a_losing_trial_is_pruned_and_its_run_says_so(tmp_path):
 def test_a_trial_that_cannot_beat_the_best_is_stopped_and_told_to_the_sampler_as_infeasible(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="g", storage=storage, direction="maximize")
-    study.set_user_attr(PRUNER_ATTR, {"name": "goal"})
+    study.set_user_attr(PRUNER_ATTR, {"objective": "final/sparsity", **dataclasses.asdict(PrunerConf())})
     study.add_trial(create_trial(value=0.95, intermediate_values={0: 0.98}, user_attrs={},
                                  system_attrs={"constraints:accuracy_goal": -0.01}))
     trial = study.ask()
@@ -195,9 +197,9 @@ def test_a_trial_that_cannot_beat_the_best_is_stopped_and_told_to_the_sampler_as
 
 
 def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path):
-    settings = SweepSettings(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=5,
-                             objectives=["final/sparsity"], directions=["maximize"], goal_constraint=True,
-                             pruner={"name": "none"}, max_failure_rate=0.2)
+    conf = HarnessSweeperConf(n_trials=5, objectives=["final/sparsity"], directions=["maximize"],
+                              goal_constraint=True, pruner=PrunerConf(name="none"), max_failure_rate=0.2)
+    settings = SweepSettings(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", conf=conf)
     space = parse_search_space({"prune.target_sparsity": "interval(0.1, 0.9)"})
     calls = []
 
@@ -216,7 +218,7 @@ def test_worker_counts_finished_trials_and_applies_the_goal_constraint(tmp_path)
     assert study.best_trial.params["prune.target_sparsity"] <= 0.6  # infeasible trials never win
     assert all(o[0].startswith("prune.target_sparsity=") for o in calls)
     # The sweep goes on through failures until max_failure_rate of n_trials have failed.
-    settings2 = SweepSettings(**{**settings.__dict__, "study_name": "f", "n_trials": 10})
+    settings2 = SweepSettings(study_name="f", storage=settings.storage, conf=dataclasses.replace(conf, n_trials=10))
     failing = run_worker(settings2, space, lambda trial, overrides: Outcome(error="RuntimeError: boom"))
     assert len(failing.failed) == 2 and failing.stopped_on_failures  # 0.2 * 10
     failed = optuna.load_study(study_name="f", storage=settings.storage).trials
@@ -271,7 +273,7 @@ def test_a_multi_objective_trial_reports_nothing_and_is_never_pruned(tmp_path):
 def test_pareto_sweep_reports_the_front(tmp_path):
     # A command-line sweep override replaces the sweep file's range for that key.
     result = run_sweep(["+sweep=pareto", "hydra.sweeper.n_trials=3", "train.epochs=2", "train.finetune_epochs=3",
-                        "prune.end_epoch=range(1, 3)"], tmp_path, timeout=600)
+                        "prune.end_epoch=range(1, 2)"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(tmp_path, "pareto")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
@@ -297,7 +299,7 @@ def test_a_different_command_gets_its_own_study_and_the_command_line_wins(tmp_pa
     first = run_sweep(SMALL, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "prune.end_epoch=2 on the command line: prune.end_epoch is not searched" in first.stdout
-    assert "search space:\n  prune.target_sparsity: float in [0.8, 0.995]" in first.stdout
+    assert "search space:\n  prune.target_sparsity: float in [0.9, 0.999]" in first.stdout
     assert not any("prune.end_epoch" in t.params for t in load(tmp_path, "max_sparsity").trials)
 
     mlp = run_sweep([*SMALL, "model=mlp"], tmp_path)
@@ -407,8 +409,7 @@ def test_sigkill_during_confirmation_then_the_same_command_confirms_each_once(tm
 def test_the_goal_pruner_replayed_on_real_trials_stops_only_trials_that_cannot_win(tmp_path):
     """Real trials run to the end (no pruner), then their curves are replayed, in order, through the
     goal pruner: every trial it stops could not have won, and the best trial is never stopped."""
-    from harness.sweep.pruners import GoalPruner
-
+    pruner = make_pruner({"objective": "final/sparsity", **dataclasses.asdict(PrunerConf())})  # the schema's
     result = run_sweep([*QUICK, "hydra.sweeper.n_trials=6", "train.finetune_epochs=4", "prune.end_epoch=1",
                         "prune.target_sparsity=interval(0.5, 0.99)"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -425,7 +426,7 @@ def test_the_goal_pruner_replayed_on_real_trials_stops_only_trials_that_cannot_w
             trial.set_user_attr(key, t.user_attrs[key])
         for step in sorted(t.intermediate_values):
             trial.report(t.intermediate_values[step], step)
-            if GoalPruner().prune(replay, replay._storage.get_trial(trial._trial_id)):
+            if pruner.prune(replay, replay._storage.get_trial(trial._trial_id)):
                 stopped.append(t)
                 replay.tell(trial, state=TrialState.PRUNED)
                 break

@@ -17,6 +17,7 @@ from harness.sweep.heartbeat import HeartbeatSettings, ask, fail_lost_trials, he
 from harness.sweep.loop import Outcome, SweepSettings, run_worker
 from harness.sweep.space import parse_search_space
 from harness.sweep.study import failed_trials, lost_reason
+from hydra_plugins.harness_sweeper.harness_sweeper import HarnessSweeperConf, HeartbeatConf, PrunerConf
 
 from .test_sweep import run_sweep
 
@@ -25,9 +26,10 @@ GRACE_S = 3
 
 def test_a_silent_trial_is_lost_and_replaced_and_a_beating_one_is_kept(tmp_path):
     heartbeat = HeartbeatSettings(interval_s=1, grace_s=GRACE_S)
-    settings = SweepSettings(study_name="h", storage=f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=2,
-                             objectives=["final/sparsity"], directions=["maximize"], goal_constraint=False,
-                             pruner={"name": "none"}, heartbeat=heartbeat)
+    conf = HarnessSweeperConf(n_trials=2, objectives=["final/sparsity"], directions=["maximize"],
+                              goal_constraint=False, pruner=PrunerConf(name="none"),
+                              heartbeat=HeartbeatConf(interval_s=1, grace_s=GRACE_S))
+    settings = SweepSettings(study_name="h", storage=f"sqlite:///{tmp_path / 'optuna.db'}", conf=conf)
     study = optuna.create_study(study_name="h", storage=heartbeat_storage(settings.storage, heartbeat),
                                 direction="maximize")
     # A trial asked by a worker on another machine, which died after one heartbeat; its MLflow run is RUNNING.

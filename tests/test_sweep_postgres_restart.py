@@ -32,6 +32,7 @@ from optuna.trial import TrialState, create_trial
 from harness.sweep.loop import Outcome, SweepSettings, run_worker
 from harness.sweep.space import parse_search_space
 from harness.sweep.study import is_disconnect, reconnecting, study_lock, tell_once, this_worker
+from hydra_plugins.harness_sweeper.harness_sweeper import HarnessSweeperConf, PrunerConf
 from tests.postgres import PostgresServer, running_postgres
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,9 +145,9 @@ def test_a_tell_whose_answer_was_lost_is_not_applied_twice(server: PostgresServe
 @pytest.mark.postgres
 def test_a_trial_asked_as_the_connection_was_lost_is_taken_over_not_lost(server: PostgresServer) -> None:
     server.create_database("orphans")
-    settings = SweepSettings(study_name="o", storage=server.url("orphans"), n_trials=4,
-                             objectives=["final/sparsity"], directions=["maximize"], goal_constraint=False,
-                             pruner={"name": "none"})
+    conf = HarnessSweeperConf(n_trials=4, objectives=["final/sparsity"], directions=["maximize"],
+                              goal_constraint=False, pruner=PrunerConf(name="none"))
+    settings = SweepSettings(study_name="o", storage=server.url("orphans"), conf=conf)
     study = optuna.create_study(study_name="o", storage=settings.storage, direction="maximize")
     study.add_trial(create_trial(value=0.5, params={"x": 0.5},
                                  distributions={"x": optuna.distributions.FloatDistribution(0, 1)}))

@@ -4,6 +4,8 @@ reproduce command. The end-to-end versions through the command line are in test_
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -11,13 +13,14 @@ from optuna.trial import TrialState
 from harness.config import GoalConfig
 from harness.errors import ConfigError
 from harness.sweep.command import merge, trial_command
-from harness.sweep.confirm import ConfirmSettings, confirm, feasible_candidates
+from harness.sweep.confirm import confirm, feasible_candidates
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, run_worker
 from harness.sweep.pruners import GoalPruner
 from harness.sweep.space import parse_search_space
-from harness.sweep.study import make_storage
+from harness.sweep.study import make_pruner, make_storage
 from harness.sweep.trial import confirmation_attr
+from hydra_plugins.harness_sweeper.harness_sweeper import ConfirmConf, HarnessSweeperConf, PrunerConf
 
 SPACE = {"prune.target_sparsity": "interval(0.5, 0.99)"}
 
@@ -108,7 +111,7 @@ DIP = [0.98, 0.97, 0.95, 0.93, 0.95, 0.97, 0.98, 0.98]  # prunes until epoch 3, 
 
 def test_goal_pruner_stops_trials_that_cannot_beat_the_best_feasible_sparsity(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
-    pruner = GoalPruner()
+    pruner = make_pruner({"objective": "final/sparsity", **dataclasses.asdict(PrunerConf())})  # the schema's
     assert replay(study, pruner, DIP, ceiling=0.95, end=3) is None  # nothing to beat yet
     assert replay(study, pruner, DIP, ceiling=0.90, end=3) == 0  # cannot beat 0.95: stopped at once
     assert replay(study, pruner, DIP, ceiling=0.9495, end=3) is None  # a near-tie still runs (tolerance)
@@ -123,7 +126,7 @@ def test_goal_pruner_stops_trials_that_cannot_beat_the_best_feasible_sparsity(tm
 
 def test_goal_pruner_stops_a_trial_too_far_under_the_goal_to_recover_and_never_the_best(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
-    pruner = GoalPruner(recovery_margin=0.02, min_finished=3)
+    pruner = GoalPruner(objective="final/sparsity", recovery_margin=0.02, min_finished=3)
     hopeless = [0.98, 0.9, 0.7, 0.6, 0.62, 0.63, 0.64, 0.64]
     assert replay(study, pruner, hopeless, ceiling=0.999, end=3) is None  # too few finished trials to judge
     finish(study, DIP, ceiling=0.80, end=3, excess=-0.01)  # recovered 0.05 after its schedule
@@ -178,20 +181,20 @@ def test_confirmation_reports_the_sparsest_candidate_whose_mean_meets_the_goal_a
         val = trial.user_attrs["metrics"]["final/accuracy"] - (0.04 if sparsity == 0.99 else 0.0)
         return Outcome(metrics={"final/accuracy": val, "final/test_accuracy": val, "final/sparsity": sparsity})
 
-    candidates, best = confirm(study, ConfirmSettings(candidates=3, seeds=2), GoalConfig(), lambda t: 1, rerun)
+    candidates, best = confirm(study, ConfirmConf(candidates=3, seeds=2), GoalConfig(), lambda t: 1, rerun)
     assert [c.trial.values[0] for c in candidates] == [0.99, 0.98, 0.97]
     assert best is candidates[1] and best.holds and not candidates[0].holds
     assert [r.finetune_seed for r in best.runs] == [1, 2, 3] and best.runs[0].original
     assert best.mean("val_accuracy") == pytest.approx(0.98)
     assert len(calls) == 6 and study.user_attrs[confirmation_attr(best.trial.number, 3)]["final/accuracy"] == 0.98
 
-    _, best_again = confirm(study, ConfirmSettings(candidates=3, seeds=2), GoalConfig(), lambda t: 1, rerun)
+    _, best_again = confirm(study, ConfirmConf(candidates=3, seeds=2), GoalConfig(), lambda t: 1, rerun)
     assert len(calls) == 6  # stored on the study: a resumed sweep does not run them again
     assert best_again.trial.number == best.trial.number
 
     # When none of the top candidates holds, the next ones are confirmed until one does.
     calls.clear()
-    _, fallback = confirm(study, ConfirmSettings(candidates=1, seeds=2, max_candidates=6), GoalConfig(),
+    _, fallback = confirm(study, ConfirmConf(candidates=1, seeds=2, max_candidates=6), GoalConfig(),
                           lambda t: 10, rerun)
     assert [n for n, _ in calls] == [0, 0, 1, 1]
     assert fallback.trial.values[0] == 0.98
@@ -200,9 +203,9 @@ def test_confirmation_reports_the_sparsest_candidate_whose_mean_meets_the_goal_a
 # -- failures are counted per study ---------------------------------------------------------------
 
 def test_failures_count_over_the_study_whatever_the_restarts(tmp_path):
-    settings = SweepSettings(study_name="f", storage=f"sqlite:///{tmp_path / 'o.db'}", n_trials=4,
-                             objectives=["final/sparsity"], directions=["maximize"], goal_constraint=True,
-                             pruner={"name": "none"}, max_failure_rate=0.5)
+    conf = HarnessSweeperConf(n_trials=4, objectives=["final/sparsity"], directions=["maximize"],
+                              goal_constraint=True, pruner=PrunerConf(name="none"), max_failure_rate=0.5)
+    settings = SweepSettings(study_name="f", storage=f"sqlite:///{tmp_path / 'o.db'}", conf=conf)
     space = parse_search_space(SPACE)
 
     def failing(trial, overrides):
@@ -218,7 +221,7 @@ def test_failures_count_over_the_study_whatever_the_restarts(tmp_path):
     lost = study.ask()
     lost.set_user_attr("lost", "its process died")
     study.tell(lost, state=TrialState.FAIL)
-    relaxed = SweepSettings(**{**settings.__dict__, "max_failure_rate": 1.0})
+    relaxed = dataclasses.replace(settings, conf=dataclasses.replace(conf, max_failure_rate=1.0))
     ran = run_worker(relaxed, space, lambda t, o: Outcome(metrics={"final/sparsity": 0.5, "goal/excess_drop": -1}))
     assert len(ran.ran) == 4 and not ran.stopped_on_failures
 

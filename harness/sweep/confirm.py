@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.study import StudyDirection
@@ -28,12 +28,8 @@ from harness.metrics import BASELINE_ACCURACY, FINAL_ACCURACY, FINAL_SPARSITY, F
 from harness.sweep.pruners import is_feasible
 from harness.sweep.trial import confirmation_attr
 
-
-@dataclass(frozen=True)
-class ConfirmSettings:
-    candidates: int = 3  # the top feasible trials always confirmed
-    seeds: int = 2  # more runs of each, with other fine-tuning seeds
-    max_candidates: int = 6  # when none of the top ones holds, confirm further ones up to this many
+if TYPE_CHECKING:  # the sweeper's schema (its plugin module imports this package late, when a sweep runs)
+    from hydra_plugins.harness_sweeper.harness_sweeper import ConfirmConf
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ def feasible_candidates(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(trials, key=lambda t: (sign * t.values[0], -_metric(t, FINAL_ACCURACY), t.number))
 
 
-def confirm(study: optuna.Study, settings: ConfirmSettings, goal: GoalConfig,
+def confirm(study: optuna.Study, settings: ConfirmConf, goal: GoalConfig,
             finetune_seed: Callable[[FrozenTrial], int],
             run_confirmation: RunConfirmation) -> tuple[list[Candidate], Candidate | None]:
     """Confirm candidates best first; return them all and the sparsest whose mean meets the goal."""

@@ -23,7 +23,8 @@ from harness.tracking import flatten
 
 # Keys that never change what a trial measures: where things are written and how they are shown.
 _NOT_IDENTITY_PREFIXES = ("tracking.", "sweep_trial.", "hydra.")
-_NOT_IDENTITY_KEYS = {"outputs_dir", "resume", "dataset.num_workers", "train.eval_batch_size"}
+# optimized_metric: it counts through the objectives it names (and existing studies keep their identity).
+_NOT_IDENTITY_KEYS = {"outputs_dir", "resume", "dataset.num_workers", "train.eval_batch_size", "optimized_metric"}
 
 IDENTITY_ATTR = "harness.identity"
 DIGEST_ATTR = "harness.identity_digest"

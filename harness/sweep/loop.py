@@ -16,19 +16,21 @@ this worker's is taken over there, so none is lost and none runs twice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from harness.errors import Interrupted, RunStopped
 from harness.metrics import FINAL_ACCURACY, GOAL_EXCESS_DROP
+from harness.sweep import dashboard
 from harness.sweep.heartbeat import (
     HeartbeatSettings,
     ask,
@@ -40,13 +42,13 @@ from harness.sweep.heartbeat import (
 )
 from harness.sweep.space import SearchSpace
 from harness.sweep.study import (
+    EXPERIMENT_ATTR,
     FINISHED,
     count,
     fail_dead_trials,
     failed_trials,
     make_pruner,
     make_sampler,
-    make_storage,
     mark_worker,
     orphaned_trials,
     reconnecting,
@@ -54,27 +56,35 @@ from harness.sweep.study import (
     tell_once,
 )
 
+if TYPE_CHECKING:  # the sweeper's schema (its plugin module imports this package late, when a sweep runs)
+    from hydra_plugins.harness_sweeper.harness_sweeper import HarnessSweeperConf
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SweepSettings:
+    """A sweep's study: its name and storage (resolved by the sweeper: defaults, identity) and the
+    ``hydra.sweeper`` settings themselves, the schema's one type (objectives and directions resolved)."""
+
     study_name: str
     storage: str
-    n_trials: int
-    objectives: list[str]  # metric names returned by each run, e.g. ["final/sparsity"]
-    directions: list[str]  # "maximize" / "minimize", one per objective
-    goal_constraint: bool  # trials that miss the accuracy goal are infeasible
-    sampler: str = "tpe"
-    seed: int | None = 0
-    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "goal"})  # hydra.sweeper.pruner
-    max_failure_rate: float = 0.5  # the sweep stops once this share of n_trials has failed (not pruned)
-    heartbeat: HeartbeatSettings | None = None  # hydra.sweeper.heartbeat; None: trials keep none
+    conf: HarnessSweeperConf
+    space: SearchSpace | None = None  # the search space, for a GridSampler's grid
 
     @property
     def failure_limit(self) -> int:
         """Failed trials (of the whole study, whatever the workers and restarts) that stop the sweep."""
-        return max(1, math.floor(self.max_failure_rate * self.n_trials + 1e-9))
+        return max(1, math.floor(self.conf.max_failure_rate * self.conf.n_trials + 1e-9))
+
+    @property
+    def pruner(self) -> dict[str, Any]:
+        """``hydra.sweeper.pruner`` with the study's first objective, as stored on the study for the trials."""
+        return {"objective": self.conf.objectives[0], **dataclasses.asdict(self.conf.pruner)}
+
+    @property
+    def heartbeat(self) -> HeartbeatSettings:
+        return HeartbeatSettings(**dataclasses.asdict(self.conf.heartbeat))
 
 
 @dataclass(frozen=True)
@@ -101,17 +111,18 @@ def open_study(settings: SweepSettings) -> optuna.Study:
     the storage's tables concurrently races)."""
 
     def create() -> optuna.Study:
-        storage = (make_storage(settings.storage) if settings.heartbeat is None
-                   else heartbeat_storage(settings.storage, settings.heartbeat))
+        storage = heartbeat_storage(settings.storage, settings.heartbeat)
         with study_lock(settings.storage, settings.study_name):
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=settings.study_name,
                 storage=storage,
-                directions=settings.directions,
-                sampler=make_sampler(settings.sampler, settings.seed),
+                directions=settings.conf.directions,
+                sampler=make_sampler(settings.conf.sampler, settings.space),
                 pruner=make_pruner(settings.pruner),
                 load_if_exists=True,
             )
+            dashboard.name_objectives(study, list(settings.conf.objectives))
+            return study
 
     return reconnecting(create, f"opening study {settings.study_name}")
 
@@ -120,8 +131,12 @@ def run_worker(
     settings: SweepSettings,
     space: SearchSpace,
     run_trial: Callable[[optuna.trial.Trial, list[str]], Outcome],
+    extend: Callable[[optuna.trial.Trial], None] | None = None,
 ) -> WorkerReport:
-    """Ask, run and tell until the study has ``n_trials`` finished (or running) trials."""
+    """Ask, run and tell until the study has ``n_trials`` finished (or running) trials.
+
+    ``extend(trial)`` (``hydra.sweeper.custom_search_space``) suggests more values after the search
+    space's; they join the trial's overrides."""
     study = open_study(settings)
     report = WorkerReport(stale=reconnecting(lambda: fail_dead_trials(study), "failing dead trials"))
     while True:
@@ -136,6 +151,9 @@ def run_worker(
             time.sleep(1.0)  # others are running the last trials; one may fail and need replacing
             continue
         values = reconnecting(functools.partial(space.suggest, trial), f"suggesting trial {trial.number}'s values")
+        if extend is not None:
+            extend(trial)
+            values |= {k: v for k, v in trial.params.items() if k not in values}
         try:
             with beating(study, trial):
                 outcome = run_trial(trial, space.to_overrides(values))
@@ -173,7 +191,7 @@ def _next_trial(study: optuna.Study, settings: SweepSettings) -> tuple[optuna.tr
             return None, running, True
         busy = count(study, (*FINISHED, TrialState.RUNNING))
         for orphan in orphaned_trials(study, settings.storage):  # asked as the connection was lost, never run
-            if busy > settings.n_trials:  # asked by two workers whose locks went with the connection
+            if busy > settings.conf.n_trials:  # asked by two workers whose locks went with the connection
                 study._storage.set_trial_user_attr(orphan._trial_id, "lost",
                                                    "asked while the storage connection was lost; not needed")
                 study.tell(orphan.number, state=TrialState.FAIL)
@@ -186,7 +204,7 @@ def _next_trial(study: optuna.Study, settings: SweepSettings) -> tuple[optuna.tr
             return trial, running, False
         # Once trials fail, the running ones may fail too: start no more than could fail within the limit.
         room = failed == 0 or failed + running < settings.failure_limit
-        trial = ask(study) if busy < settings.n_trials and room else None
+        trial = ask(study) if busy < settings.conf.n_trials and room else None
         if trial is not None:  # a trial asked but not yet marked is an orphan (above), then it has a heartbeat
             record(study, trial)
             mark_worker(trial)
@@ -204,6 +222,8 @@ def _set_attr(trial: optuna.trial.Trial, key: str, value: Any) -> None:
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, settings: SweepSettings) -> None:
     if outcome.pruned:
+        reconnecting(lambda: dashboard.record_stopped(study, trial, _run_url(study, trial)),
+                     f"recording trial {trial.number}'s stop")
         tell_once(study, trial, state=TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)
         return
@@ -216,18 +236,23 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, outcome: Outcome, sett
         return
     metrics = outcome.metrics
     _set_attr(trial, "metrics", {k: float(v) for k, v in metrics.items()})
-    if settings.goal_constraint and GOAL_EXCESS_DROP in metrics:
-        reconnecting(lambda: trial.set_constraint("accuracy_goal", metrics[GOAL_EXCESS_DROP]),
-                     f"recording trial {trial.number}'s constraint")
-    missing = [name for name in settings.objectives if name not in metrics]
+    # The goal constraint, once, where Optuna's samplers and optuna-dashboard both read it (harness.sweep.dashboard).
+    excess = metrics.get(GOAL_EXCESS_DROP) if settings.conf.goal_constraint else None
+    reconnecting(lambda: dashboard.record_trial(study, trial, metrics, excess, _run_url(study, trial)),
+                 f"recording trial {trial.number}'s result")
+    missing = [name for name in settings.conf.objectives if name not in metrics]
     if missing:
         _set_attr(trial, "error", f"the run returned no {missing[0]!r}")
         tell_once(study, trial, state=TrialState.FAIL)
         return
-    values = [float(metrics[name]) for name in settings.objectives]
+    values = [float(metrics[name]) for name in settings.conf.objectives]
     tell_once(study, trial, values if len(values) > 1 else values[0])
-    log.info("trial %d: %s", trial.number,
-             ", ".join(f"{k}={metrics[k]:.4f}" for k in (*settings.objectives, FINAL_ACCURACY) if k in metrics))
+    shown = dict.fromkeys((*settings.conf.objectives, FINAL_ACCURACY))
+    log.info("trial %d: %s", trial.number, ", ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics))
+
+
+def _run_url(study: optuna.Study, trial: optuna.trial.Trial) -> str | None:
+    return dashboard.trial_run_url(study, trial, study.user_attrs.get(EXPERIMENT_ATTR))
 
 
 def describe_outcome(value: Any, output_dir: str | None = None) -> Outcome:

@@ -45,8 +45,8 @@ class GoalPruner(optuna.pruners.BasePruner):
             useful candidates for confirmation).
     """
 
-    def __init__(self, objective: str = FINAL_SPARSITY, recovery_margin: float = 0.02, min_finished: int = 3,
-                 tolerance: float = 1e-3) -> None:
+    # No defaults but the tolerance: they are hydra.sweeper.pruner's (PrunerConf in the sweeper's schema).
+    def __init__(self, *, objective: str, recovery_margin: float, min_finished: int, tolerance: float = 1e-3) -> None:
         self.objective = objective
         self.recovery_margin = recovery_margin
         self.min_finished = min_finished

@@ -1,25 +1,33 @@
 """The sweep's search space: Hydra's override grammar mapped onto Optuna distributions.
 
 Each entry of the sweep config's ``params`` is read by Hydra's own override parser (as
-``key=value``), so the grammar is exactly Hydra's and the one of the published
-hydra-optuna-sweeper plugin:
+``key=value``) and means what it means to the published hydra-optuna-sweeper plugin:
 
-=====================================  ==========================================================
-``choice(a, b, ...)`` or ``a,b,...``   ``CategoricalDistribution`` (ints, floats, strings, bools
-                                       keep their type; a list or dict choice is held as its
-                                       override text and handed back as the list or dict)
-``range(start, stop[, step])``         ``IntDistribution`` over exactly Hydra's values (``stop``
-                                       is excluded, as in Python's ``range``); a float
-                                       start/stop/step gives ``FloatDistribution(step=...)``
-``interval(low, high)``                ``FloatDistribution(low, high)``; ``int(interval(...))``
-                                       gives ``IntDistribution``
-``tag(log, interval(low, high))``      the same with ``log=True`` (needs ``low > 0``)
-a plain value (``3``, ``cubic``)       fixed: passed unchanged to every trial
-=====================================  ==========================================================
+=========================================  ======================================================
+``choice(a, b, ...)`` or ``a,b,...``       ``CategoricalDistribution`` (ints, floats, strings,
+                                           bools keep their type; a list or dict choice is held
+                                           as its override text and handed back as the list or
+                                           dict)
+``range(start, stop[, step])``             ``IntDistribution(start, stop, step)``: ``stop`` is
+                                           **included** (``range(1, 3)`` is 1, 2 or 3); a float
+                                           start/stop/step gives ``FloatDistribution(step=...)``
+``shuffle(range(...))``,                   ``CategoricalDistribution`` of Hydra's own values
+``shuffle(choice(...))``                   (for a range: ``stop`` excluded, as Hydra counts)
+``interval(low, high)``                    ``FloatDistribution(low, high)``; ``int(interval(...))``
+                                           gives ``IntDistribution``
+``tag(log, interval(low, high))``          the same with ``log=True`` (needs ``low > 0``)
+a plain value (``3``, ``cubic``)           fixed: passed unchanged to every trial
+=========================================  ======================================================
 
-Anything else (``glob()``, ``shuffle()``, other tags, ``tag(log, ...)`` on a choice or range,
-an empty range, ``interval`` with ``low >= high``) is a :class:`~harness.errors.ConfigError`
-(a ``ValueError``) of one line naming the key, the value and what is allowed.
+Where this project reads a value differently from the plugin (a descending range, which the plugin
+rejects, is searched over the same values counted up; a categorical keeps its written order where
+the plugin shuffles it; a plain value keeps its type where the plugin records its text; a tag the
+plugin ignores), or where Optuna moves a bound (a ``stop`` off the step grid), the space says so in
+:attr:`SearchSpace.notices`, which the sweep logs as one line at start (:meth:`SearchSpace.notice`).
+
+Anything else (``glob()``, ``shuffle([...])``, an empty range, a zero step, ``interval`` with
+``low >= high``) is a :class:`~harness.errors.ConfigError` (a ``ValueError``) of one line naming
+the key, the value and what is allowed.
 
 Example::
 
@@ -27,7 +35,7 @@ Example::
         "prune.target_sparsity": "interval(0.5, 0.98)",
         "prune.schedule": "choice(linear, cubic)",
         "train.finetune_lr": "tag(log, interval(1e-4, 1e-1))",
-        "prune.end_epoch": "range(2, 6)",          # 2, 3, 4 or 5
+        "prune.end_epoch": "range(2, 5)",          # 2, 3, 4 or 5
         "seed": 3,
     })
     values = space.suggest(study.ask())            # {"prune.target_sparsity": 0.73, ..., "seed": 3}
@@ -39,6 +47,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -53,8 +62,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from harness.errors import ConfigError
 
-ALLOWED = "choice(a, b, ...), range(start, stop[, step]), interval(low, high), tag(log, interval(low, high))"
-MAX_FLOAT_RANGE = 100_000  # values a float range() may have; past that, use interval()
+ALLOWED = ("choice(a, b, ...), range(start, stop[, step]), shuffle(choice(...)), shuffle(range(...)), "
+           "interval(low, high), int(interval(low, high)), tag(log, interval(low, high))")
+MAX_SHUFFLED_RANGE = 100_000  # values shuffle(range()) may list as choices; past that, use range() or interval()
 
 _UNQUOTED = re.compile(r"[A-Za-z_][\w\-./]*", re.ASCII)  # strings Hydra reads back as the same string
 _DICT_KEY = re.compile(r"[\w\-./]+", re.ASCII)
@@ -70,6 +80,9 @@ class SearchSpace:
     # For choice() over lists or dicts: the categorical holds each one's override text (storable
     # in any Optuna storage); this maps key -> text -> the list or dict that ``suggest`` returns.
     container_choices: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # Where a key is read differently from the published plugin, or Optuna moved a bound: one
+    # sentence each, which the sweep logs at start (see ``notice``).
+    notices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         both = self.distributions.keys() & self.fixed.keys()
@@ -91,6 +104,10 @@ class SearchSpace:
                 raise TypeError(f"sweep params.{key}: unsupported distribution {type(dist).__name__}")
         values.update(self.fixed)
         return values
+
+    def notice(self) -> str:
+        """The notices as the one line the sweep logs at start; empty when there is nothing to say."""
+        return "sweep params: " + "; ".join(self.notices) if self.notices else ""
 
     def describe(self) -> dict[str, str]:
         """Each key as it will be sampled (or fixed): printed at the start of a sweep, part of its identity."""
@@ -142,43 +159,73 @@ def parse_search_space(params: Mapping[str, Any]) -> SearchSpace:
     distributions: dict[str, BaseDistribution] = {}
     fixed: dict[str, Any] = {}
     containers: dict[str, dict[str, Any]] = {}
+    notices: list[str] = []
     for raw_key, raw_value in params.items():
-        key = str(raw_key)
-        text = raw_value if isinstance(raw_value, str) else encode_value(raw_value)
-
-        def fail(reason: str, key: str = key, text: str = text) -> ConfigError:
-            return ConfigError(" ".join(f"sweep params.{key}={text}: {reason}".split()))
-
-        try:
-            override = parser.parse_override(f"{key}={text}")
-            value = override.value()
-        except HydraException as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise fail(f"{first}; allowed: {ALLOWED} or a plain value") from e
-        if override.is_delete() or override.get_key_element() != key:
-            raise fail("the key must be a config path such as prune.target_sparsity")
-        if not override.is_sweep_override():
-            fixed[key] = value
+        entry = _Entry(str(raw_key), raw_value if isinstance(raw_value, str) else encode_value(raw_value), notices)
+        value, is_sweep = _parse(parser, entry)
+        if not is_sweep:
+            fixed[entry.key] = _fixed(value, entry)
         elif isinstance(value, ChoiceSweep):
-            distributions[key] = _choice(value, containers.setdefault(key, {}), fail)
+            distributions[entry.key] = _choice(value, containers.setdefault(entry.key, {}), entry)
         elif isinstance(value, RangeSweep):
-            distributions[key] = _range(value, fail)
+            distributions[entry.key] = _shuffled_range(value, entry) if value.shuffle else _range(value, entry)
         elif isinstance(value, IntervalSweep):
-            distributions[key] = _interval(value, fail)
+            distributions[entry.key] = _interval(value, entry)
         else:
-            raise fail(f"{type(value).__name__.lower()}() is not supported; allowed: {ALLOWED}")
-    return SearchSpace(distributions, fixed, {k: v for k, v in containers.items() if v})
+            raise entry.fail(f"{type(value).__name__.lower()}() is not supported (nor by the published plugin); "
+                             f"allowed: {ALLOWED}")
+    if fixed:
+        notices.append(f"plain values ({', '.join(fixed)}) are fixed for every trial with their Hydra type (the "
+                       "published plugin records them as text)")
+    return SearchSpace(distributions, fixed, {k: v for k, v in containers.items() if v}, tuple(notices))
 
 
-def _check_sweep(value: ChoiceSweep | RangeSweep | IntervalSweep, fail: Any, log_ok: bool = False) -> bool:
-    """Reject shuffle() and tags other than log (log only on interval); return whether log is set."""
-    if getattr(value, "shuffle", False):
-        raise fail("shuffle() has no meaning for a sampler; use choice(...) or range(...)")
+@dataclass(frozen=True)
+class _Entry:
+    """One ``params`` entry being read: its errors and notices name it as the user wrote it."""
+
+    key: str
+    text: str
+    notices: list[str]
+
+    def fail(self, reason: str) -> ConfigError:
+        return ConfigError(" ".join(f"sweep params.{self.key}={self.text}: {reason}".split()))
+
+    def note(self, sentence: str) -> None:
+        self.notices.append(" ".join(f"{self.key}={self.text} {sentence}".split()))
+
+
+def _parse(parser: OverridesParser, entry: _Entry) -> tuple[Any, bool]:
+    """Hydra's parsed value of ``key=text``, and whether it is a sweep."""
+    try:
+        override = parser.parse_override(f"{entry.key}={entry.text}")
+        value = override.value()
+    except HydraException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise entry.fail(f"{first}; allowed: {ALLOWED} or a plain value") from e
+    if override.is_delete() or override.get_key_element() != entry.key:
+        raise entry.fail("the key must be a config path such as prune.target_sparsity")
+    return value, override.is_sweep_override()
+
+
+def _fixed(value: Any, entry: _Entry) -> Any:
+    # shuffle([...]) is no sweep: Hydra fixes the list in a new random order at every parse, so a
+    # resumed sweep would run other trials than the ones it started with.
+    if re.match(r"\s*shuffle\s*\(", entry.text):
+        raise entry.fail("shuffle([...]) fixes a list in a random order that changes every run; write the list "
+                         "itself, or shuffle(choice(...)) to search its elements")
+    return value
+
+
+def _check_sweep(value: ChoiceSweep | RangeSweep | IntervalSweep, entry: _Entry, log_ok: bool = False) -> bool:
+    """Whether log is set; tags the plugin ignores are ignored here too, with a notice."""
     unknown = sorted(set(value.tags) - {"log"})
     if unknown:
-        raise fail(f"unknown tag {', '.join(unknown)}; the only tag is log, as in tag(log, interval(low, high))")
+        entry.note(f"ignores tag {', '.join(unknown)} (only log has a meaning, as in tag(log, interval(low, high)); "
+                   "the published plugin ignores the others too)")
     if "log" in value.tags and not log_ok:
-        raise fail("tag(log, ...) applies to interval() only, as in tag(log, interval(low, high))")
+        entry.note("ignores tag log, which applies to interval() only (the published plugin ignores it too)")
+        return False
     return "log" in value.tags
 
 
@@ -193,8 +240,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _choice(value: ChoiceSweep, containers: dict[str, Any], fail: Any) -> CategoricalDistribution:
-    _check_sweep(value, fail)
+def _note_shuffle(entry: _Entry) -> None:
+    entry.note("is searched as a choice of its values in order: the published plugin shuffles them, an order "
+               "that means nothing to the sampler but would change the study every run")
+
+
+def _choice(value: ChoiceSweep, containers: dict[str, Any], entry: _Entry) -> CategoricalDistribution:
+    _check_sweep(value, entry)
+    if value.shuffle:
+        _note_shuffle(entry)
     choices: list[Any] = []
     for item in map(_plain, value.list):
         text = encode_value(item)
@@ -202,7 +256,7 @@ def _choice(value: ChoiceSweep, containers: dict[str, Any], fail: Any) -> Catego
             containers[text] = item
             item = text
         if any(item == seen for seen in choices):  # also 1 == 1.0 == true: Optuna could not tell them apart
-            raise fail(f"choice values must be distinct (1, 1.0 and true count as equal); {text} repeats")
+            raise entry.fail(f"choice values must be distinct (1, 1.0 and true count as equal); {text} repeats")
         choices.append(item)
     return CategoricalDistribution(choices)
 
@@ -211,39 +265,68 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _range(value: RangeSweep, fail: Any) -> IntDistribution | FloatDistribution:
-    """The same values as Hydra's range (stop excluded); a descending range gives the same set."""
-    _check_sweep(value, fail)
+def _check_range(value: RangeSweep, entry: _Entry) -> None:
     start, stop, step = value.start, value.stop, value.step
     if not all(_is_number(x) and math.isfinite(x) for x in (start, stop, step)):
-        raise fail("range needs finite numbers: range(start, stop[, step])")
+        raise entry.fail("range needs finite numbers: range(start, stop[, step])")
     if step == 0:
-        raise fail("range needs a non-zero step")
-    if all(isinstance(x, int) for x in (start, stop, step)):
-        r = range(start, stop, step)
-        if not r:
-            raise fail("range is empty (stop is excluded, as in Python's range)")
-        return IntDistribution(min(r[0], r[-1]), max(r[0], r[-1]), step=abs(step))
-    # Count the values the way Hydra's FloatRange iterates (bounded), then place the last one on
-    # the decimal grid start + k*step so that Optuna keeps it as the upper (or lower) end.
-    n = sum(1 for _ in itertools.islice(value.range(), MAX_FLOAT_RANGE + 1))
-    if n == 0:
-        raise fail("range is empty (stop is excluded, as in Python's range)")
-    if n > MAX_FLOAT_RANGE:
-        raise fail(f"range has more than {MAX_FLOAT_RANGE} values; use interval(low, high)")
-    last = float(Decimal(str(float(start))) + (n - 1) * Decimal(str(float(step))))
-    return FloatDistribution(min(start, last), max(start, last), step=abs(float(step)))
+        raise entry.fail("range needs a non-zero step")
+    if (stop - start) * step < 0:
+        raise entry.fail(f"range is empty: from {start} a step of {step} never reaches {stop}")
 
 
-def _interval(value: IntervalSweep, fail: Any) -> IntDistribution | FloatDistribution:
-    log = _check_sweep(value, fail, log_ok=True)
+def _shuffled_range(value: RangeSweep, entry: _Entry) -> CategoricalDistribution:
+    """shuffle(range(...)): a choice of exactly Hydra's values (stop excluded, as Hydra counts), as in the plugin."""
+    _check_sweep(value, entry)
+    _check_range(value, entry)
+    values = list(itertools.islice(value.range(), MAX_SHUFFLED_RANGE + 1))
+    if not values:
+        raise entry.fail("shuffle(range(...)) is empty: Hydra's range excludes stop")
+    if len(values) > MAX_SHUFFLED_RANGE:
+        raise entry.fail(f"shuffle(range(...)) has more than {MAX_SHUFFLED_RANGE} values; use range() or interval()")
+    _note_shuffle(entry)
+    return CategoricalDistribution(values)
+
+
+def _range(value: RangeSweep, entry: _Entry) -> IntDistribution | FloatDistribution:
+    """range(start, stop, step) from start to stop included, as the plugin reads it; counting down gives the
+    same values counted up (the plugin rejects it)."""
+    _check_sweep(value, entry)
+    _check_range(value, entry)
+    start, stop, step = value.start, value.stop, value.step
+    kind: type[IntDistribution] | type[FloatDistribution] = IntDistribution
+    if not all(isinstance(x, int) for x in (start, stop, step)):
+        kind, start, stop, step = FloatDistribution, float(start), float(stop), float(step)
+    if step > 0:
+        return _stepped(kind, start, stop, step, entry)
+    # Counting down: the lowest value is the last one of start - k*|step| at or above stop.
+    count = (Decimal(str(start)) - Decimal(str(stop))) // Decimal(str(-step))
+    low = type(start)(Decimal(str(start)) - count * Decimal(str(-step)))
+    dist = kind(low, start, step=-step)
+    entry.note(f"counts down, which the published plugin rejects: searched as the same values counted up, "
+               f"{describe_distribution(dist)}")
+    return dist
+
+
+def _stepped(kind: type[IntDistribution] | type[FloatDistribution], low: float, high: float, step: float,
+             entry: _Entry) -> IntDistribution | FloatDistribution:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna warns when it moves high onto the step grid: a notice says it
+        dist = kind(low, high, step=step)
+    if dist.high != high:
+        entry.note(f"ends at {dist.high:g}: {high:g} is not on its step grid")
+    return dist
+
+
+def _interval(value: IntervalSweep, entry: _Entry) -> IntDistribution | FloatDistribution:
+    log = _check_sweep(value, entry, log_ok=True)
     low, high = value.start, value.end
     if not (_is_number(low) and _is_number(high) and math.isfinite(low) and math.isfinite(high)):
-        raise fail("interval needs finite numbers: interval(low, high)")
+        raise entry.fail("interval needs finite numbers: interval(low, high)")
     if low >= high:
-        raise fail("interval needs low < high")
+        raise entry.fail("interval needs low < high")
     if log and low <= 0:
-        raise fail("tag(log, ...) needs low > 0")
+        raise entry.fail("tag(log, ...) needs low > 0")
     if isinstance(low, int) and isinstance(high, int):  # int(interval(...)), as the published plugin does
         return IntDistribution(low, high, log=log)
     return FloatDistribution(float(low), float(high), log=log)

@@ -12,32 +12,41 @@ retries them for up to ``RECONNECT_S`` while the connection is lost, and only th
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
+import inspect
 import logging
+import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hydra.utils
 import optuna
 import sqlalchemy
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from harness.errors import ConfigError
 from harness.locking import file_lock, process_alive
-from harness.metrics import FINAL_SPARSITY
 from harness.stores import OPTUNA_TABLES, check_sqlite_store
 from harness.sweep.pruners import GoalPruner
+from harness.sweep.space import SearchSpace, describe_distribution
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SAMPLERS = ("tpe", "random", "nsga2", "qmc")
+SAMPLERS = ("tpe", "random", "nsga2", "nsgaii", "qmc")
+SAMPLER_KEY = "hydra.sweeper.sampler"
+MOTPE_REMOVED = (f"{SAMPLER_KEY}: the 'motpe' sampler was removed in Optuna 4.0; use hydra/sweeper/sampler=tpe "
+                 "(TPESampler handles several objectives)")
 PRUNERS = ("goal", "median", "percentile", "successive_halving", "hyperband", "none")
 STORAGE_KEY = "hydra.sweeper.storage"
 PRUNER_ATTR = "harness.pruner"  # the pruner's settings, stored on the study for the trials' runs
+EXPERIMENT_ATTR = "mlflow_experiment_id"  # the MLflow experiment of the sweep's runs (trials' links)
 # Study user attribute "harness.lost:<number>": why that trial was failed as lost after it had finished
 # (Optuna's heartbeat fails it first, and a finished trial's own attributes cannot change).
 LOST_PREFIX = "harness.lost:"
@@ -89,32 +98,105 @@ def _safe(url: str) -> str:
     return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    """Optuna 5's samplers read the constraints that trials set with ``trial.set_constraint``."""
+def make_sampler(spec: Mapping[str, Any], space: SearchSpace | None = None) -> optuna.samplers.BaseSampler:
+    """``hydra.sweeper.sampler``: ``{name, seed}``, or ``{_target_: optuna.samplers.<Sampler>, **kwargs}``.
+    Optuna 5's TPE, GP and NSGA-II samplers read the constraints that trials set with ``trial.set_constraint``."""
+    if "_target_" in spec:
+        return _sampler_by_target(dict(spec), space)
+    unknown = sorted(set(spec) - {"name", "seed"})
+    if unknown:
+        raise ConfigError(_unknown_message(f"{SAMPLER_KEY}.{unknown[0]}", ["name", "seed", "_target_"]))
+    name, seed = spec.get("name", "tpe"), spec.get("seed")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
+    if name in ("nsga2", "nsgaii"):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    raise ConfigError(f"hydra.sweeper.sampler.name={name}: must be one of {', '.join(SAMPLERS)}")
+    if name == "motpe":
+        raise ConfigError(MOTPE_REMOVED)
+    raise ConfigError(f"{SAMPLER_KEY}.name={name}: must be one of {', '.join(SAMPLERS)} "
+                      f"(or give {SAMPLER_KEY}._target_=optuna.samplers.<Sampler>)")
 
 
-def make_pruner(settings: dict) -> optuna.pruners.BasePruner:
-    """The pruner of ``hydra.sweeper.pruner`` (name, n_startup_trials, n_warmup_steps, recovery_margin)."""
-    name = settings.get("name", "goal")
-    n_startup_trials, n_warmup_steps = int(settings.get("n_startup_trials", 5)), int(settings.get("n_warmup_steps", 2))
+def _sampler_by_target(spec: dict[str, Any], space: SearchSpace | None) -> optuna.samplers.BaseSampler:
+    target = str(spec.pop("_target_"))
+    if "name" in spec:
+        raise ConfigError(f"{SAMPLER_KEY}.name={spec['name']} and {SAMPLER_KEY}._target_={target}: give one of them")
+    if target in ("optuna.samplers.MOTPESampler", "MOTPESampler"):
+        raise ConfigError(MOTPE_REMOVED)
+    samplers = sorted(n for n in optuna.samplers.__all__ if n.endswith("Sampler") and not n.startswith("Base"))
+    short = target.removeprefix("optuna.samplers.")
+    if not target.startswith("optuna.samplers.") or short not in samplers:
+        close = difflib.get_close_matches(short, samplers, n=3)
+        hint = f"closest: {', '.join(close)}; " if close else ""
+        raise ConfigError(f"{SAMPLER_KEY}._target_={target}: not an Optuna sampler; {hint}allowed: "
+                          + ", ".join(f"optuna.samplers.{n}" for n in samplers))
+    cls = getattr(optuna.samplers, short)
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    unknown = sorted(set(spec) - set(accepted))
+    if unknown:
+        raise ConfigError(_unknown_message(f"{SAMPLER_KEY}.{unknown[0]}", accepted, f"{short} takes"))
+    if cls is optuna.samplers.GridSampler and "search_space" not in spec:
+        spec["search_space"] = grid_of(space)
+    kwargs = {k: hydra.utils.instantiate(v) if isinstance(v, Mapping) and "_target_" in v else v
+              for k, v in spec.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{SAMPLER_KEY}: {short}({', '.join(f'{k}={v!r}' for k, v in spec.items())}): "
+                          f"{str(err).strip().splitlines()[0]}") from None
+
+
+def grid_of(space: SearchSpace | None) -> dict[str, list[Any]]:
+    """GridSampler's grid: every value of each searched key (discrete distributions only)."""
+    grid: dict[str, list[Any]] = {}
+    for key, dist in (space.distributions if space else {}).items():
+        if isinstance(dist, CategoricalDistribution):
+            grid[key] = list(dist.choices)
+        elif isinstance(dist, IntDistribution) and not dist.log:
+            grid[key] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            count = round((dist.high - dist.low) / dist.step) + 1
+            grid[key] = [round(dist.low + i * dist.step, 12) for i in range(count)]
+        else:
+            raise ConfigError(f"hydra.sweeper.params.{key}: GridSampler only supports discrete values "
+                              f"(choice(...), range(...)); this key is {describe_distribution(dist)}")
+    return grid
+
+
+def grid_size(grid: Mapping[str, list[Any]]) -> int:
+    return math.prod(len(values) for values in grid.values())
+
+
+def ignores_constraints(sampler: optuna.samplers.BaseSampler) -> bool:
+    """Samplers that do not read the trials' constraints (the accuracy goal)."""
+    return isinstance(sampler, optuna.samplers.RandomSampler | optuna.samplers.QMCSampler
+                      | optuna.samplers.GridSampler | optuna.samplers.CmaEsSampler
+                      | optuna.samplers.BruteForceSampler)
+
+
+def _unknown_message(key: str, allowed: list[str], what: str = "allowed") -> str:
+    close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    return f"{key}: unknown key; {hint}{what}: {', '.join(sorted(allowed))}"
+
+
+def make_pruner(settings: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """The pruner of ``hydra.sweeper.pruner`` as stored on the study: the schema's PrunerConf (every field,
+    its defaults there) plus ``objective``, the study's first objective."""
+    name = settings["name"]
     if name == "goal":
-        return GoalPruner(objective=settings.get("objective", FINAL_SPARSITY),
-                          recovery_margin=float(settings.get("recovery_margin", 0.02)),
-                          min_finished=n_startup_trials)
+        return GoalPruner(objective=settings["objective"], recovery_margin=float(settings["recovery_margin"]),
+                          min_finished=int(settings["n_startup_trials"]))
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+        return optuna.pruners.MedianPruner(n_startup_trials=int(settings["n_startup_trials"]),
+                                           n_warmup_steps=int(settings["n_warmup_steps"]))
     if name == "percentile":
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=n_startup_trials,
-                                               n_warmup_steps=n_warmup_steps)
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=int(settings["n_startup_trials"]),
+                                               n_warmup_steps=int(settings["n_warmup_steps"]))
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     if name == "hyperband":

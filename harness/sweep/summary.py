@@ -82,16 +82,18 @@ def write_results(path: Path, study: optuna.Study, chosen: list[Chosen], identit
         return item | {"command": c.command}
 
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    results: dict[str, Any] = {"name": "harness_optuna", "study": study.study_name,
+    # "name": the published plugin's key and value; "sweeper": this project's sweeper.
+    results: dict[str, Any] = {"name": "optuna", "sweeper": "harness_optuna", "study": study.study_name,
                                "trials": {k: v for k, v in states.items() if v}}
     if len(study.directions) > 1:
         results["solutions"] = [entry(c) for c in chosen]
     elif chosen:
         results |= {"best_params": chosen[0].params, "best_value": chosen[0].values[0], "best": entry(chosen[0])}
-    else:
-        results["best"] = None  # nothing meets the accuracy goal (on the mean of its runs, when confirmed)
+    else:  # nothing meets the accuracy goal (on the mean of its runs, when confirmed): no best to report
+        results |= {"best_params": None, "best_value": None, "best": None}
     if confirmed:
-        results["candidates"] = [{"number": c.trial.number, "sparsity": c.trial.values[0], **c.summary()}
+        results["candidates"] = [{"number": c.trial.number,
+                                  "sparsity": c.trial.user_attrs.get("metrics", {}).get(FINAL_SPARSITY), **c.summary()}
                                  for c in confirmed]
         results["confirmation_runs"] = sum(len(c.runs) - 1 for c in confirmed)
     results["identity"] = {"digest": identity.digest(), **identity.as_dict()}

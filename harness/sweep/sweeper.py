@@ -8,15 +8,18 @@ function that launches one job with a list of overrides.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import itertools
 import logging
+import math
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import hydra.utils
 import optuna
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,17 +28,29 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import GoalConfig, TrackingConfig
 from harness.errors import ConfigError, HarnessError
-from harness.metrics import BEST_PREFIX, CONFIRMED_PREFIX, FINAL_ACCURACY, FINAL_SPARSITY, FINAL_TEST_ACCURACY, GOAL_MET
+from harness.metrics import (
+    BEST_PREFIX,
+    CONFIRMED_PREFIX,
+    FINAL_ACCURACY,
+    FINAL_SPARSITY,
+    FINAL_TEST_ACCURACY,
+    GOAL_MET,
+    RUN_SUMMARY,
+)
 from harness.sweep.command import Compose, job_config, run_overrides, trial_command
-from harness.sweep.confirm import Candidate, ConfirmSettings, confirm
-from harness.sweep.heartbeat import HeartbeatSettings
+from harness.sweep.confirm import Candidate, confirm
 from harness.sweep.identity import StudyIdentity, resolve_study_name, store_identity
 from harness.sweep.loop import Outcome, SweepSettings, open_study, run_worker
 from harness.sweep.space import SearchSpace, encode_value, parse_search_space
 from harness.sweep.study import (
+    EXPERIMENT_ATTR,
     PRUNER_ATTR,
     default_storage,
     failed_trials,
+    grid_of,
+    grid_size,
+    ignores_constraints,
+    make_sampler,
     make_storage,
     opening_storage,
     study_lock,
@@ -52,53 +67,44 @@ from harness.tracking import (
     ui_run_page,
 )
 
+if TYPE_CHECKING:  # the schema's module imports this one late (when a sweep runs), never the reverse
+    from hydra_plugins.harness_sweeper.harness_sweeper import HarnessSweeperConf
+
 log = logging.getLogger(__name__)
 
 Launch = Callable[[list[str], int], Outcome]
-
-
-@dataclass(frozen=True)
-class SweeperOptions:
-    """The ``hydra.sweeper`` settings (see hydra_plugins/harness_sweeper)."""
-
-    study_name: str | None
-    storage: str | None
-    n_trials: int
-    n_jobs: int
-    objectives: list[str]
-    directions: list[str]
-    goal_constraint: bool
-    sampler: dict[str, Any]
-    pruner: dict[str, Any]
-    max_failure_rate: float
-    params: dict[str, Any]
-    worker: bool
-    parent_run_id: str | None
-    confirm: dict[str, Any] = field(default_factory=dict)
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
-    heartbeat: dict[str, Any] = field(default_factory=dict)  # {} (a caller without the schema): no heartbeat
 
 
 class SweepFailed(HarnessError):
     """The sweep stopped on failed trials, or none of its trials finished."""
 
 
-def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str], launch: Launch,
-              compose: Compose) -> None:
+def run_sweep(options: HarnessSweeperConf, config: DictConfig, arguments: list[str], launch: Launch,
+              compose: Compose, set_keys: Mapping[str, str] | None = None) -> None:
     """Run (or resume, or join) the sweep; the parent process also confirms and reports its result.
 
-    ``compose(overrides)`` composes the job config of one plain run (for the reproduce command).
+    ``compose(overrides)`` composes the job config of one plain run (for the reproduce command);
+    ``set_keys``: the ``hydra.sweeper`` keys the user set, and where (their differences from the published
+    plugin are said; a bad sampler names its file).
     """
+    set_keys = set_keys or {}
     swept, fixed_args = _split_arguments(arguments)
     params = _command_line_wins(options.params, fixed_args)
     space = parse_search_space({**params, **swept})
+    options = resolve(options, config, space, set_keys.get("sampler"))
+    extend = _custom_search_space(options.custom_search_space, config)
     starting_points = _starting_points(options.enqueue, space, options.params)
     outputs_dir = Path(config.outputs_dir)
+    described = space.describe() | ({"custom_search_space": options.custom_search_space}
+                                    if options.custom_search_space else {})
     identity = StudyIdentity.build(
-        config.hydra.runtime.choices, job_config(config), space.describe(), list(options.objectives),
+        config.hydra.runtime.choices, job_config(config), described, list(options.objectives),
         list(options.directions), options.goal_constraint, options.sampler)
-    study, settings, resumed = _open(options, config, identity, starting_points)
+    study, settings, resumed = _open(options, config, identity, starting_points, space)
     if not options.worker:
+        if space.notice():
+            log.info(space.notice())
+        _say_differences(options, set_keys.keys(), study.sampler)
         _announce(study, resumed, identity, space, options.n_trials)
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +132,8 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
     workers = [] if options.worker else _start_workers(options.n_jobs - 1, sweep_dir, parent_id, study.study_name)
     try:
         with _closing(parent):
-            worked = run_worker(settings, space, run_trial)  # (the parent run's tracker closed dead trials' runs)
+            # (the parent run's tracker closed dead trials' runs)
+            worked = run_worker(settings, space, run_trial, extend)
             for process in workers:
                 process.wait()
             if parent is None:
@@ -134,9 +141,9 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
             study = open_study(settings)
             failure = _failure(study, settings, worked.stopped_on_failures)
             confirmed, best = [], None
-            if failure is None and len(settings.directions) == 1 and settings.goal_constraint:
+            if failure is None and len(options.directions) == 1 and options.goal_constraint:
                 goal: GoalConfig = OmegaConf.to_object(config.goal)  # type: ignore[assignment]
-                confirmed, best = confirm(study, ConfirmSettings(**options.confirm), goal,
+                confirmed, best = confirm(study, options.confirm, goal,
                                           lambda t: _finetune_seed(t, config), run_confirmation)
             base = run_overrides(fixed_args, config, compose)
             _report(study, space, base, sweep_dir, parent, OmegaConf.to_object(config.goal), identity,
@@ -149,8 +156,96 @@ def run_sweep(options: SweeperOptions, config: DictConfig, arguments: list[str],
         raise
 
 
-def _open(options: SweeperOptions, config: DictConfig, identity: StudyIdentity,
-          starting_points: list[dict[str, Any]]) -> tuple[optuna.Study, SweepSettings, bool]:
+def is_plain_task(config: DictConfig) -> bool:
+    """A Hydra app other than the harness (no ``sweep_trial``/``outputs_dir``): swept as the published plugin
+    sweeps one, its task's return value (a float, or one per direction) being the objective."""
+    return "sweep_trial" not in config or "outputs_dir" not in config
+
+
+def run_plain_sweep(options: HarnessSweeperConf, config: DictConfig, arguments: list[str],
+                    launch_batch: Callable[..., list[Any]], set_keys: Mapping[str, str]) -> None:
+    """The published plugin's sweep of any Hydra app: batches of ``n_jobs`` trials handed to the launcher,
+    the study in ``storage`` (null: in memory); no MLflow, no confirmation, no accuracy goal. Failures
+    count over the whole study, as in the harness's own sweeps."""
+    swept, fixed_args = _split_arguments(arguments)
+    space = parse_search_space({**_command_line_wins(options.params, fixed_args), **swept})
+    directions = options.directions or _given_directions(options.direction) or ["minimize"]
+    options = resolve(dataclasses.replace(options, goal_constraint=False, direction=None, directions=directions,
+                                          objectives=[f"value_{i}" for i in range(len(directions))]),
+                      config, space, set_keys.get("sampler"))
+    if "goal_constraint" in set_keys or "objectives" in set_keys:
+        log.info("hydra.sweeper: goal_constraint and objectives are the harness's; this app's return value is "
+                 "the objective")
+    if "max_failure_rate" in set_keys:
+        log.info("hydra.sweeper: %s", _DIFFERENCES["max_failure_rate"].format(options.max_failure_rate))
+    extend = _custom_search_space(options.custom_search_space, config)
+    study = optuna.create_study(study_name=options.study_name, storage=options.storage,
+                                sampler=make_sampler(options.sampler, space), directions=options.directions,
+                                load_if_exists=True)
+    limit = max(1, math.floor(options.max_failure_rate * options.n_trials + 1e-9))
+    failed, first_error, job = 0, None, 0
+    while len(study.trials) < options.n_trials and failed < limit:
+        trials = [study.ask() for _ in range(min(options.n_jobs, options.n_trials - len(study.trials)))]
+        batch = []
+        for trial in trials:
+            values = space.suggest(trial)
+            if extend is not None:
+                extend(trial)
+                values |= {k: v for k, v in trial.params.items() if k not in values}
+            batch.append([*fixed_args, *space.to_overrides(values)])
+        returns = launch_batch(batch, initial_job_idx=job)
+        job += len(batch)
+        for trial, ret in zip(trials, returns, strict=True):
+            try:
+                study.tell(trial, _objective_values(ret.return_value, len(options.directions)))
+            except Exception as err:  # the job's own error (re-raised by return_value), or a bad return value
+                failed += 1
+                first_error = first_error or f"trial {trial.number}: {type(err).__name__}: {err}"
+                study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
+    _write_plain_results(study, Path(config.hydra.sweep.dir))
+    if failed >= limit:
+        raise SweepFailed(f"sweep {study.study_name} stopped after {failed} failed trials (hydra.sweeper."
+                          f"max_failure_rate={options.max_failure_rate:g} of n_trials={options.n_trials}); "
+                          f"the first, {first_error}")
+
+
+def _given_directions(direction: Any) -> list[str] | None:
+    if direction is None:
+        return None
+    return [str(d) for d in ([direction] if isinstance(direction, str) else direction)]
+
+
+def _objective_values(value: Any, count: int) -> float | list[float]:
+    """What the task returned as the study's values: one float, or a sequence of one per direction."""
+    if count == 1:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"the task returned {value!r}: a sweep needs a number") from None
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"the task returned {len(values)} values for {count} directions")
+    return values
+
+
+def _write_plain_results(study: optuna.Study, sweep_dir: Path) -> None:
+    """``optimization_results.yaml`` as the published plugin writes it."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    results: dict[str, Any] = {"name": "optuna", "sweeper": "harness_optuna", "study": study.study_name}
+    if len(study.directions) > 1:
+        results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
+        log.info("sweep %s: %d Pareto solutions", study.study_name, len(results["solutions"]))
+    else:
+        best = study.best_trial if complete else None
+        results |= {"best_params": best.params if best else None, "best_value": best.value if best else None}
+        log.info("sweep %s: best value %s with %s", study.study_name, results["best_value"], results["best_params"])
+    (sweep_dir / "optimization_results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+
+
+def _open(options: HarnessSweeperConf, config: DictConfig, identity: StudyIdentity,
+          starting_points: list[dict[str, Any]], space: SearchSpace) -> tuple[optuna.Study, SweepSettings, bool]:
     """This command's study (found by its identity, or created with its starting points), its settings,
     and whether it existed already. One process at a time, so that two workers create one study."""
     storage = options.storage or default_storage(config.outputs_dir)
@@ -158,20 +253,106 @@ def _open(options: SweeperOptions, config: DictConfig, identity: StudyIdentity,
     # Opened under the lock: two commands on a fresh database would both create Optuna's tables.
     with opening_storage(storage), study_lock(storage, "harness.study-names"):
         name, resumed = resolve_study_name(make_storage(storage), base_name, options.study_name is not None, identity)
-        settings = SweepSettings(
-            study_name=name, storage=storage, n_trials=options.n_trials, objectives=list(options.objectives),
-            directions=list(options.directions), goal_constraint=options.goal_constraint,
-            sampler=options.sampler.get("name", "tpe"), seed=options.sampler.get("seed", 0),
-            pruner={"objective": options.objectives[0], **options.pruner}, max_failure_rate=options.max_failure_rate,
-            heartbeat=HeartbeatSettings(**options.heartbeat) if options.heartbeat else None)
-        _check_settings(settings)
+        settings = SweepSettings(study_name=name, storage=storage, conf=options, space=space)
         study = open_study(settings)
         if not resumed:
             store_identity(study, identity)
-            for point in starting_points:
+            for point in starting_points[:options.n_trials]:  # no starting point left waiting past n_trials
                 study.enqueue_trial(point, skip_if_exists=True)
         study.set_user_attr(PRUNER_ATTR, settings.pruner)  # the trials' runs build their pruner from it
     return study, settings, resumed
+
+
+def resolve(options: HarnessSweeperConf, config: DictConfig, space: SearchSpace,
+            sampler_from: str | None = None) -> HarnessSweeperConf:
+    """The settings with what follows from others: directions from the plugin's ``direction``, objectives
+    from the app's ``optimized_metric`` (lightning-hydra-template's key), a GridSampler's n_trials; checked,
+    the sampler too (``sampler_from``: where it was written, for its error), before any study is opened."""
+    directions = options.directions
+    if options.direction is not None:
+        given = _given_directions(options.direction) or []
+        if directions is not None and list(directions) != given:
+            raise ConfigError(f"hydra.sweeper.direction={_text(options.direction)} and hydra.sweeper.directions="
+                              f"{_text(directions)} disagree: give one of them")
+        directions = given
+    metric = OmegaConf.select(config, "optimized_metric", default=None)
+    objectives = options.objectives or ([_harness_metric(str(metric))] if metric else [FINAL_SPARSITY])
+    resolved = dataclasses.replace(options, objectives=list(objectives),
+                                   directions=list(directions or ["maximize"] * len(objectives)))
+    _check_settings(resolved)
+    try:
+        make_sampler(resolved.sampler, space)
+    except ConfigError as err:
+        where = f"in {sampler_from}: " if sampler_from and sampler_from != "the command line" else ""
+        raise ConfigError(f"{where}{err}") from None
+    if str(resolved.sampler.get("_target_", "")).endswith("GridSampler") and "search_space" not in resolved.sampler:
+        size = grid_size(grid_of(space))
+        if size < resolved.n_trials:
+            log.info("GridSampler: hydra.sweeper.n_trials=%d lowered to %d, the size of the grid",
+                     resolved.n_trials, size)
+            resolved = dataclasses.replace(resolved, n_trials=size)
+    return resolved
+
+
+# lightning-hydra-template's names for the val accuracy its sweeps optimize; a run of the harness
+# reports the pruned model's val accuracy as final/accuracy.
+LIGHTNING_METRICS = {"val/acc_best": FINAL_ACCURACY, "val/acc": FINAL_ACCURACY}
+
+
+def _harness_metric(name: str) -> str:
+    """``optimized_metric`` as a run's summary metric: lightning-hydra-template's names are mapped (said in
+    a line); any other name must be one the run reports."""
+    if name in LIGHTNING_METRICS:
+        log.info("optimized_metric=%s (lightning-hydra-template's name): the sweep optimizes %s, the pruned "
+                 "model's val accuracy at the end of its run", name, LIGHTNING_METRICS[name])
+        return LIGHTNING_METRICS[name]
+    if name not in RUN_SUMMARY:
+        close = difflib.get_close_matches(name, RUN_SUMMARY, n=3)
+        raise ConfigError(f"optimized_metric={name}: not a metric a run reports; "
+                          f"{'closest: ' + ', '.join(close) + '; ' if close else ''}allowed: {', '.join(RUN_SUMMARY)}")
+    return name
+
+
+def _custom_search_space(dotpath: str | None, config: DictConfig) -> Callable[[optuna.trial.Trial], None] | None:
+    """``hydra.sweeper.custom_search_space``: ``module.function(config, trial)``, called after the params."""
+    if not dotpath:
+        return None
+    try:
+        function = hydra.utils.get_method(dotpath)
+    except Exception as err:  # Hydra wraps the import error in its own
+        reason = str(err.__cause__ or err).strip().splitlines()[0]
+        raise ConfigError(f"hydra.sweeper.custom_search_space={dotpath}: cannot be loaded ({reason}); give "
+                          "module.function, importable from the directory the sweep runs in") from None
+    return lambda trial: function(config, trial)
+
+
+# Where a key of the published plugin means something else here: said once at start when the user set it.
+_DIFFERENCES = {
+    "n_jobs": "n_jobs={}: worker processes on this machine, each asking for its own trials (the published "
+              "plugin's: jobs per launcher batch)",
+    "max_failure_rate": "max_failure_rate={}: the share of n_trials that may fail over the whole study, all "
+                        "workers and restarts (the published plugin's: per batch)",
+    "storage": "storage=null: the study is kept in sqlite under outputs_dir, so that it resumes (the published "
+               "plugin's: in memory)",
+}
+
+
+def _say_differences(options: HarnessSweeperConf, set_keys: Collection[str],
+                     sampler: optuna.samplers.BaseSampler) -> None:
+    # (n_jobs=1 runs one trial at a time under both meanings; a storage given is used under both.)
+    said = [text.format(getattr(options, key)) for key, text in _DIFFERENCES.items()
+            if key in set_keys and not (key == "storage" and options.storage) and not (key == "n_jobs"
+                                                                                       and options.n_jobs == 1)]
+    if said:
+        log.info("hydra.sweeper: %s", "; ".join(said))
+    if options.goal_constraint and ignores_constraints(sampler):
+        log.info("hydra.sweeper.sampler: %s ignores the accuracy-goal constraint (hydra.sweeper.goal_constraint="
+                 "true): it samples infeasible regions as often as feasible ones; the goal still decides the best",
+                 type(sampler).__name__)
+
+
+def _text(value: Any) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list | tuple) else str(value)
 
 
 def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -233,13 +414,14 @@ def _failure(study: optuna.Study, settings: SweepSettings, stopped: bool) -> str
     first = min(failed, key=lambda t: t.number)
     where = first.user_attrs.get("output_dir") or "its MLflow run"
     error = str(first.user_attrs.get("error", "no error recorded")).strip().splitlines()[0]
+    conf = settings.conf
     how = (f"stopped after {len(failed)} failed trials (hydra.sweeper.max_failure_rate="
-           f"{settings.max_failure_rate:g} of n_trials={settings.n_trials})" if len(failed) >= settings.failure_limit
+           f"{conf.max_failure_rate:g} of n_trials={conf.n_trials})" if len(failed) >= settings.failure_limit
            else f"{len(failed)} trials failed and none finished")
     return f"sweep {study.study_name} {how}; the first, trial {first.number} ({where}): {error}"
 
 
-def _check_settings(settings: SweepSettings) -> None:
+def _check_settings(settings: HarnessSweeperConf) -> None:
     if len(settings.objectives) != len(settings.directions):
         raise ConfigError(f"hydra.sweeper.directions={settings.directions}: give one direction per objective "
                           f"(objectives={settings.objectives})")
@@ -250,7 +432,7 @@ def _check_settings(settings: SweepSettings) -> None:
         raise ConfigError(f"hydra.sweeper.n_trials={settings.n_trials}: must be >= 1")
 
 
-def _parent_run(options: SweeperOptions, tracking: TrackingConfig, outputs_dir: Path, study: optuna.Study,
+def _parent_run(options: HarnessSweeperConf, tracking: TrackingConfig, outputs_dir: Path, study: optuna.Study,
                 settings: SweepSettings, identity: StudyIdentity) -> Tracker | None:
     """The sweep's MLflow run: created once per study, reopened when the sweep resumes or another machine
     joins it (under a lock: two commands started together on two machines make one parent)."""
@@ -265,17 +447,21 @@ def _open_parent_run(tracking: TrackingConfig, outputs_dir: Path, study: optuna.
     existing = study.user_attrs.get("mlflow_parent_run_id")
     tags = {"optuna.study": settings.study_name, "optuna.storage": settings.storage, "harness.sweep": "parent",
             "harness.study_identity": identity.digest(), RUN_COLOR_TAG: SWEEP_COLOR,
-            NOTE_TAG: f"### Sweep `{settings.study_name}`\n\nRunning: {settings.n_trials} trials, nested under this "
-                      "run. Its result (the best trial, its metrics and a link to its run) is written here at the end."}
+            NOTE_TAG: f"### Sweep `{settings.study_name}`\n\nRunning: {settings.conf.n_trials} trials, nested "
+                      "under this run. Its result (the best trial, its metrics and a link to its run) is written "
+                      "here at the end."}
     tracker = make_tracker(tracking, outputs_dir, run_name=f"sweep-{settings.study_name}", tags=tags,
                            resume_run_id=existing)
     if existing and tracker.run_id == existing:  # reopened: its tags are the ones it was created with
         tracker.set_tags({RUN_COLOR_TAG: SWEEP_COLOR})
     if tracker.run_id and tracker.run_id != existing:
         study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
-        tracker.log_params({"sweep.n_trials": settings.n_trials, "sweep.objectives": settings.objectives,
-                            "sweep.directions": settings.directions, "sweep.sampler": settings.sampler,
-                            "sweep.pruner": settings.pruner["name"], "sweep.goal_constraint": settings.goal_constraint,
+        study.set_user_attr(EXPERIMENT_ATTR, tracker.experiment_id)  # the trials' links in optuna-dashboard
+        conf = settings.conf
+        sampler = conf.sampler.get("_target_") or conf.sampler.get("name")
+        tracker.log_params({"sweep.n_trials": conf.n_trials, "sweep.objectives": conf.objectives,
+                            "sweep.directions": conf.directions, "sweep.sampler": sampler,
+                            "sweep.pruner": conf.pruner.name, "sweep.goal_constraint": conf.goal_constraint,
                             "sweep.identity": identity.digest()})
         tracker.flush()  # in the MLflow UI while the sweep runs
     return tracker
@@ -410,7 +596,8 @@ def _confirmation_lines(confirmed: list[Candidate], best: Candidate | None) -> l
         vals = " ".join("-" if r.val_accuracy is None else f"{r.val_accuracy:.4f}" for r in c.runs)
         mean, spread, test = c.mean("val_accuracy"), c.spread("val_accuracy"), c.mean("test_accuracy")
         verdict = "MET" if c.holds else "MISSED"
-        lines.append(f"  trial {c.trial.number}: sparsity {c.trial.values[0]:.4f}, val {vals}"
+        sparsity = c.trial.user_attrs.get("metrics", {}).get(FINAL_SPARSITY, float("nan"))  # (the objective may differ)
+        lines.append(f"  trial {c.trial.number}: sparsity {sparsity:.4f}, val {vals}"
                      + (f", mean {mean:.4f} ± {spread:.4f}, test mean {test:.4f}" if mean is not None else "")
                      + f": goal {verdict} on the mean" + (" <- best" if c is best else ""))
     return lines
