@@ -191,12 +191,12 @@ def test_shuffle_is_a_choice_of_hydras_values_in_a_stable_order(text, hydra_orde
 # they searched when range excluded stop: their studies (identified by these distributions) go on.
 SWEEP_FILE_SPACES = {
     "max_sparsity": (
-        "{'prune.target_sparsity': FloatDistribution(high=0.999, log=False, low=0.9, step=None), "
+        "{'prune.target_sparsity': FloatDistribution(high=0.9975, log=False, low=0.9, step=None), "
         "'prune.end_epoch': IntDistribution(high=24, log=False, low=8, step=1), "
         "'train.finetune_lr': FloatDistribution(high=0.2, log=True, low=0.03, step=None), "
         "'prune.schedule': CategoricalDistribution(choices=('cubic', 'exponential', 'linear')), "
         "'prune.update_frequency': CategoricalDistribution(choices=(0.5, 1))}",
-        {"prune.target_sparsity": "float in [0.9, 0.999]", "prune.end_epoch": "int in [8, 24]",
+        {"prune.target_sparsity": "float in [0.9, 0.9975]", "prune.end_epoch": "int in [8, 24]",
          "train.finetune_lr": "float in [0.03, 0.2], log scale",
          "prune.schedule": "one of cubic, exponential, linear", "prune.update_frequency": "one of 0.5, 1"}),
     "pareto": (
