@@ -369,3 +369,22 @@ def test_the_default_sweep_keeps_its_sampler_and_objective(tmp_path):
     assert resolved.objectives == ["final/sparsity"] and resolved.directions == ["maximize"]
     built = make_sampler(resolved.sampler)
     assert type(built) is optuna.samplers.TPESampler and built._multivariate
+
+
+@pytest.mark.slow
+def test_the_shipped_lightning_shaped_example_runs_as_a_multirun_without_the_flag(tmp_path):
+    # sweeps/lightning_optuna.yaml sets hydra.mode: MULTIRUN, optimized_metric and a sampler by _target_.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", "+sweep=lightning_optuna", "hydra.sweeper.n_trials=2",
+         "train.finetune_epochs=7", "hydra.sweeper.confirm.seeds=0", "tracking=none", f"outputs_dir={tmp_path}",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="lightning_optuna", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and len(study.trials) == 2
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    best = max(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    assert results["name"] == "optuna" and results["best_value"] == pytest.approx(best.value)
+    assert best.value == best.user_attrs["metrics"]["final/accuracy"]
