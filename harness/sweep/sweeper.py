@@ -183,7 +183,8 @@ def run_plain_sweep(options: HarnessSweeperConf, config: DictConfig, arguments: 
                                 sampler=make_sampler(options.sampler, space), directions=options.directions,
                                 load_if_exists=True)
     limit = max(1, math.floor(options.max_failure_rate * options.n_trials + 1e-9))
-    failed, first_error, job = 0, None, 0
+    failed, first_error, first_folder, job = 0, None, None, 0
+    sweep_dir = Path(config.hydra.sweep.dir)
     while len(study.trials) < options.n_trials and failed < limit:
         trials = [study.ask() for _ in range(min(options.n_jobs, options.n_trials - len(study.trials)))]
         batch = []
@@ -195,15 +196,22 @@ def run_plain_sweep(options: HarnessSweeperConf, config: DictConfig, arguments: 
             batch.append([*fixed_args, *space.to_overrides(values)])
         returns = launch_batch(batch, initial_job_idx=job)
         job += len(batch)
-        for trial, ret in zip(trials, returns, strict=True):
+        for index, (trial, ret) in enumerate(zip(trials, returns, strict=True)):
             try:
                 study.tell(trial, _objective_values(ret.return_value, len(options.directions)))
             except Exception as err:  # the job's own error (re-raised by return_value), or a bad return value
                 failed += 1
                 first_error = first_error or f"trial {trial.number}: {type(err).__name__}: {err}"
+                first_folder = first_folder or sweep_dir / str(job - len(batch) + index)
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
-    _write_plain_results(study, Path(config.hydra.sweep.dir))
+    _write_plain_results(study, sweep_dir)
+    if failed >= limit and options.max_failure_rate >= 1.0:
+        # Every failure was allowed (the published plugin's rate 1.0 never stops): the trials' own log lines
+        # told each error; the sweep ends non-zero, pointing at the first one's job folder.
+        raise SweepFailed(f"sweep {study.study_name}: all {failed} trials failed (hydra.sweeper.max_failure_rate="
+                          f"{options.max_failure_rate:g} let each of them run); the first one's job folder: "
+                          f"{first_folder}")
     if failed >= limit:
         raise SweepFailed(f"sweep {study.study_name} stopped after {failed} failed trials (hydra.sweeper."
                           f"max_failure_rate={options.max_failure_rate:g} of n_trials={options.n_trials}); "
