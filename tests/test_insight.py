@@ -72,5 +72,5 @@ def test_help_lists_the_config_groups_and_their_options():
     out = subprocess.run([sys.executable, "-m", "harness", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120).stdout
     assert "prune: block, channel, magnitude, nm, none" in out
-    assert "analyze: none, sensitivity" in out and "sweep: max_sparsity, pareto" in out
+    assert "analyze: none, sensitivity" in out and "sweep: lightning_optuna, max_sparsity, pareto" in out
     assert "python -m harness prune=nm prune.n=2 prune.m=4" in out

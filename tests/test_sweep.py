@@ -286,7 +286,7 @@ def test_pareto_sweep_reports_the_front(tmp_path):
 
 # -- sweeps whose answer can be trusted -----------------------------------------------------------
 
-SMALL = ["+sweep=max_sparsity", "hydra.sweeper.n_trials=2", "hydra.sweeper.confirm.seeds=0", "train.epochs=2",
+SMALL = ["+sweep=max_sparsity", "hydra.sweeper.n_trials=3", "hydra.sweeper.confirm.seeds=0", "train.epochs=2",
          "train.finetune_epochs=3", "prune.end_epoch=2"]
 
 
@@ -305,11 +305,11 @@ def test_a_different_command_gets_its_own_study_and_the_command_line_wins(tmp_pa
     mlp = run_sweep([*SMALL, "model=mlp"], tmp_path)
     assert mlp.returncode == 0, mlp.stderr[-3000:]
     (other,) = [name for name in studies(tmp_path) if name != "max_sparsity"]
-    assert other.startswith("max_sparsity-") and len(load(tmp_path, other).trials) == 2  # ran its own trials
+    assert other.startswith("max_sparsity-") and len(load(tmp_path, other).trials) == 3  # ran its own trials
     assert "reproduce: python -m harness" in mlp.stdout and "model=mlp" in mlp.stdout
     children = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("optuna.study") == other
                 and r.data.tags.get("harness.sweep") == "trial"]
-    assert len(children) == 2 and {r.data.tags["harness.model"] for r in children} == {"mlp"}
+    assert len(children) == 3 and {r.data.tags["harness.model"] for r in children} == {"mlp"}
 
     named = run_sweep([*SMALL, "model=mlp", "hydra.sweeper.study_name=max_sparsity"], tmp_path)
     assert named.returncode == 2 and "Traceback" not in named.stderr
@@ -318,7 +318,7 @@ def test_a_different_command_gets_its_own_study_and_the_command_line_wins(tmp_pa
         "hydra.sweeper.study_name out to start (or resume) this command's own study, or name another"]
     # The same command again resumes its own study: nothing more runs.
     again = run_sweep([*SMALL, "model=mlp"], tmp_path)
-    assert again.returncode == 0 and len(load(tmp_path, other).trials) == 2 and len(studies(tmp_path)) == 2
+    assert again.returncode == 0 and len(load(tmp_path, other).trials) == 3 and len(studies(tmp_path)) == 2
 
 
 @pytest.mark.slow
