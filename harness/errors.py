@@ -88,10 +88,15 @@ def unknown_key_message(key: str, schema: Any) -> str:
     """``key``: unknown key, with the closest names among the fields of ``schema`` (a dataclass)."""
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         return f"{key}: unknown key"
-    allowed = sorted(f.name for f in dataclasses.fields(schema) if f.name not in _HIDDEN_FIELDS)
+    return unknown_name_message(key, [f.name for f in dataclasses.fields(schema) if f.name not in _HIDDEN_FIELDS])
+
+
+def unknown_name_message(key: str, allowed: list[str], what: str = "allowed") -> str:
+    """``key``: unknown key, with the closest of the ``allowed`` names to its last part."""
+    allowed = sorted(allowed)
     close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
     hint = f"closest: {', '.join(close)}; " if close else ""
-    return f"{key}: unknown key; {hint}allowed: {', '.join(allowed)}"
+    return f"{key}: unknown key; {hint}{what}: {', '.join(allowed)}"
 
 
 def _where(err: BaseException) -> str:

@@ -32,7 +32,7 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unknown_name_message
 from harness.locking import file_lock, process_alive
 from harness.stores import OPTUNA_TABLES, check_sqlite_store
 from harness.sweep.pruners import GoalPruner
@@ -105,7 +105,7 @@ def make_sampler(spec: Mapping[str, Any], space: SearchSpace | None = None) -> o
         return _sampler_by_target(dict(spec), space)
     unknown = sorted(set(spec) - {"name", "seed"})
     if unknown:
-        raise ConfigError(_unknown_message(f"{SAMPLER_KEY}.{unknown[0]}", ["name", "seed", "_target_"]))
+        raise ConfigError(unknown_name_message(f"{SAMPLER_KEY}.{unknown[0]}", ["name", "seed", "_target_"]))
     name, seed = spec.get("name", "tpe"), spec.get("seed")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
@@ -138,7 +138,7 @@ def _sampler_by_target(spec: dict[str, Any], space: SearchSpace | None) -> optun
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
     unknown = sorted(set(spec) - set(accepted))
     if unknown:
-        raise ConfigError(_unknown_message(f"{SAMPLER_KEY}.{unknown[0]}", accepted, f"{short} takes"))
+        raise ConfigError(unknown_name_message(f"{SAMPLER_KEY}.{unknown[0]}", accepted, f"{short} takes"))
     if cls is optuna.samplers.GridSampler and "search_space" not in spec:
         spec["search_space"] = grid_of(space)
     kwargs = {k: hydra.utils.instantiate(v) if isinstance(v, Mapping) and "_target_" in v else v
@@ -176,12 +176,6 @@ def ignores_constraints(sampler: optuna.samplers.BaseSampler) -> bool:
     return isinstance(sampler, optuna.samplers.RandomSampler | optuna.samplers.QMCSampler
                       | optuna.samplers.GridSampler | optuna.samplers.CmaEsSampler
                       | optuna.samplers.BruteForceSampler)
-
-
-def _unknown_message(key: str, allowed: list[str], what: str = "allowed") -> str:
-    close = difflib.get_close_matches(key.rpartition(".")[2], allowed, n=3)
-    hint = f"closest: {', '.join(close)}; " if close else ""
-    return f"{key}: unknown key; {hint}{what}: {', '.join(sorted(allowed))}"
 
 
 def make_pruner(settings: Mapping[str, Any]) -> optuna.pruners.BasePruner:
