@@ -65,6 +65,22 @@ _OTHER_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/j
 
 
 def main() -> None:
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        _main()
+        return
+    # A rank of a torchrun run ends through distributed.leave, with the exit status it would have had:
+    # a plain interpreter exit can abort after a run that finished (why: in distributed.leave).
+    try:
+        _main()
+        code = 0
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
+    from harness import distributed
+
+    distributed.leave(code)
+
+
+def _main() -> None:
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and {"-m", "--multirun"} & set(sys.argv[1:]):

@@ -61,7 +61,7 @@ def main(out: Path, overrides: list[str], drift: bool) -> None:
     dist.all_gather_object(everyone, {"seen": seen, "error": error})
     if exp.world.is_main:
         out.write_text(json.dumps(everyone))
-    distributed.stop()
+    distributed.leave(0)  # (not a plain exit: see its docstring)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,17 @@ def test_an_interrupted_two_process_run_saves_one_checkpoint_and_resumes_to_the_
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_rank_leaves_with_its_exit_status_after_the_exit_handlers_and_with_its_output_flushed():
+    # distributed.leave skips the interpreter's teardown (a gloo thread can abort it); what a plain exit
+    # does besides must still happen: exit handlers (the MLflow writer's close), buffered output written.
+    script = ("import atexit; from harness import distributed; "
+              "atexit.register(lambda: print('handler ran')); print('buffered', end=' '); distributed.leave(3)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout == "buffered handler ran\n"
+
+
 def test_a_sweep_under_torchrun_is_a_one_line_error(tmp_path):
     env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2"}
     result = subprocess.run([sys.executable, "-m", "harness", "--multirun", "+sweep=max_sparsity",
