@@ -75,7 +75,7 @@ def main() -> None:
         code = 0
     except SystemExit as end:
         code = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
-    from harness import distributed
+    from harness import distributed  # (torch: loaded by a distributed run anyway, not by a plain start)
 
     distributed.leave(code)
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -103,7 +103,7 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def leave(code: int) -> None:
+def leave(code: int) -> NoReturn:
     """End a rank's process with ``code``: leave the process group, run the exit handlers (the MLflow
     writer's close, logging's flush) and flush the standard streams, then exit without Python's
     interpreter teardown.
