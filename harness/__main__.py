@@ -65,7 +65,7 @@ _OTHER_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/j
 
 
 def main() -> None:
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+    if not _under_torchrun():
         _main()
         return
     # A rank of a torchrun run ends through distributed.leave, with the exit status it would have had:
@@ -83,7 +83,7 @@ def main() -> None:
 def _main() -> None:
     # Hydra re-raises instead of printing its own multi-line report; we print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and {"-m", "--multirun"} & set(sys.argv[1:]):
+    if _under_torchrun() and {"-m", "--multirun"} & set(sys.argv[1:]):
         _exit_with("--multirun under torchrun: a sweep's trials each run on one process; start the sweep with "
                    "python -m harness --multirun ..., and one run on several processes with torchrun")
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
@@ -106,6 +106,11 @@ def _main() -> None:
         if message is None:
             raise
         _exit_with(message)
+
+
+def _under_torchrun() -> bool:
+    """One of several processes (torchrun's WORLD_SIZE above 1), read before torch loads."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
 
 
 def _launcher() -> str:
